@@ -1,0 +1,5 @@
+"""`python -m jobfleet` runs the command line."""
+
+from jobfleet.cli import main
+
+main()

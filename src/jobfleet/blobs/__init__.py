@@ -1,0 +1,80 @@
+"""The blob store: per-attempt logs (and later payloads and outputs), a local folder by default."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from jobfleet.errors import ConfigError
+
+
+def log_key(run_id: str, seq: int, attempt: int) -> str:
+    """Where the log of one attempt lives, relative to the blob store's root."""
+    return f"logs/{run_id}/{seq}-{attempt}.log"
+
+
+class Blobs:
+    """Keys (`logs/RUN/7-1.log`) mapped to files in a folder, or objects via fsspec for URLs."""
+
+    def __init__(self, url: str | Path) -> None:
+        self.url = str(url)
+        scheme, sep, rest = self.url.partition("://")
+        self.root: Path | None = None
+        self._fs: Any = None
+        if not sep or scheme == "file":
+            self.root = Path(rest if sep else self.url).expanduser().absolute()
+        else:
+            try:
+                import fsspec
+
+                self._fs, self._prefix = fsspec.core.url_to_fs(self.url)
+            except (ImportError, ValueError) as e:
+                raise ConfigError(
+                    f"cannot use the blob store {self.url}: {e}",
+                    hint="use a local folder, or install the extra for that URL scheme",
+                ) from None
+        self._made: set[Path] = set()
+
+    def local_path(self, key: str) -> Path | None:
+        """The file behind `key` when the blob store is a local folder, else None."""
+        return None if self.root is None else self.root / key
+
+    def open_log(self, key: str) -> int:
+        """A file descriptor a job can write its output to directly (local folders only)."""
+        path = self.local_path(key)
+        if path is None:
+            raise ConfigError(f"streaming logs to {self.url} is not supported yet",
+                              hint="use a local folder for --blobs")
+        parent = path.parent
+        if parent not in self._made:
+            parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(parent)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+
+    def read(self, key: str, offset: int = 0, limit: int | None = None) -> bytes:
+        """Bytes of `key` from `offset`; b"" when it does not exist (yet)."""
+        path = self.local_path(key)
+        try:
+            if path is not None:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    return f.read(-1 if limit is None else limit)
+            with self._fs.open(f"{self._prefix}/{key}", "rb") as f:
+                f.seek(offset)
+                data: bytes = f.read(-1 if limit is None else limit)
+                return data
+        except FileNotFoundError:
+            return b""
+
+    def tail(self, key: str, lines: int) -> list[str]:
+        """The last `lines` lines of a text blob (read from the end, however large it is)."""
+        path = self.local_path(key)
+        size = path.stat().st_size if path is not None and path.exists() else None
+        start = max(0, size - 64 * 1024) if size is not None else 0
+        text = self.read(key, start).decode("utf-8", "replace")
+        return text.splitlines()[-lines:] if lines > 0 else []
+
+    def exists(self, key: str) -> bool:
+        path = self.local_path(key)
+        return path.exists() if path is not None else bool(self._fs.exists(f"{self._prefix}/{key}"))

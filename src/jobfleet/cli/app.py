@@ -1,0 +1,43 @@
+"""The typer app, the options every command shares, and how errors reach the terminal."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from jobfleet.blobs import Blobs
+from jobfleet.config import Settings, load_settings
+from jobfleet.store import Store, open_store
+
+app = typer.Typer(
+    name="jobfleet",
+    help="Run many jobs - shell commands from a job file - on a fleet of workers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# soft wrap: a long line (a command to copy) stays one line
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+StoreOpt = Annotated[
+    str | None,
+    typer.Option("--store", metavar="URL",
+                 help="Store URL or SQLite path [env JOBFLEET_STORE; default .jobfleet/jobfleet.db]"),
+]
+BlobsOpt = Annotated[
+    str | None,
+    typer.Option("--blobs", metavar="URL",
+                 help="Blob store folder or URL [env JOBFLEET_BLOBS; default .jobfleet/blobs]"),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (schema: docs/cli.md).")]
+
+
+def settings(store: str | None = None, blobs: str | None = None, **flags: object) -> Settings:
+    return load_settings({"store": store, "blobs": blobs, **flags})
+
+
+def connect(s: Settings) -> tuple[Store, Blobs]:
+    return open_store(s.store), Blobs(s.blobs)

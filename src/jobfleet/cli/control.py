@@ -1,0 +1,78 @@
+"""Commands that change things: retry, cancel, and `worker`, which runs jobs."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+from jobfleet.cli.app import BlobsOpt, StoreOpt, app, connect, out, settings
+from jobfleet.spec import parse_size
+
+RefArg = Annotated[str, typer.Argument(metavar="RUN|JOB", help="A run id, or a job id RUN-N.")]
+
+
+@app.command()
+def retry(ref: RefArg, store: StoreOpt = None) -> None:
+    """Requeue failed jobs (of a run, or one job) with a fresh attempt budget."""
+    db, _ = connect(settings(store))
+    if "-" in ref:
+        j = db.job(ref)
+        n, run_id = db.retry(j.run_id, j.key), j.run_id
+    else:
+        run_id = db.run(ref).id
+        n = db.retry(run_id)
+    out.print(f"{n} job{'s' if n != 1 else ''} of run {run_id} queued again")
+    if n:
+        out.print(f"  run them with: jobfleet worker --run {run_id} --idle-exit 2")
+
+
+@app.command()
+def cancel(ref: RefArg, store: StoreOpt = None) -> None:
+    """Cancel queued jobs now; running ones are killed by their worker at its next heartbeat."""
+    db, _ = connect(settings(store))
+    if "-" in ref:
+        j = db.job(ref)
+        done, asked = db.cancel(j.run_id, j.key)
+    else:
+        done, asked = db.cancel(db.run(ref).id)
+    out.print(f"cancelled {done} queued job{'s' if done != 1 else ''}; "
+              f"asked workers to stop {asked} running")
+
+
+@app.command()
+def worker(
+    slots: Annotated[int | None, typer.Option("--slots", help="Jobs at once [CPU count].")] = None,
+    cpus: Annotated[float | None, typer.Option(
+        "--cpus", help="CPUs to offer jobs [max(slots, CPU count)].")] = None,
+    memory: Annotated[str | None, typer.Option(
+        "--memory", help="Memory to offer jobs, e.g. 8GiB [this machine's].")] = None,
+    gpus: Annotated[int, typer.Option("--gpus", help="GPUs to offer jobs.")] = 0,
+    run: Annotated[str | None, typer.Option("--run", help="Serve only this run.")] = None,
+    idle_exit: Annotated[float | None, typer.Option(
+        "--idle-exit", metavar="SECONDS", help="Exit after this long without work.")] = None,
+    max_jobs: Annotated[int | None, typer.Option(
+        "--max-jobs", help="Exit after taking this many jobs.")] = None,
+    lease_seconds: Annotated[float | None, typer.Option(
+        "--lease-seconds", help="Lease length; heartbeats renew it every third of it.")] = None,
+    store: StoreOpt = None,
+    blobs: BlobsOpt = None,
+) -> None:
+    """Take jobs from the store and run them until stopped (SIGTERM drains, twice releases)."""
+    from jobfleet.worker import Worker, WorkerOptions
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker: %(message)s")
+    s = settings(store, blobs, slots=slots, lease_seconds=lease_seconds)
+    db, blob_store = connect(s)
+    run_id = db.run(run).id if run else None
+    opts = WorkerOptions(
+        slots=s.slots, cpus=cpus, memory=parse_size(memory) if memory else None, gpus=gpus,
+        lease_seconds=s.lease_seconds, idle_exit=idle_exit, max_jobs=max_jobs, run_id=run_id,
+        drain_seconds=s.drain_seconds, kill_grace=s.kill_grace)
+    w = Worker(db, blob_store, opts)
+    out.print(f"worker {w.id}: {opts.slots} slots, store {db.url}"
+              + (f", run {run_id}" if run_id else ""))
+    stats = w.run()
+    done = ", ".join(f"{n} {k}" for k, n in sorted(stats.by_status.items())) or "no jobs"
+    out.print(f"worker {w.id} stopped: {done}")

@@ -1,0 +1,104 @@
+"""`jobfleet run` and `jobfleet submit`: read a job file, store it as a run, and (run) work it."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from jobfleet.cli.app import BlobsOpt, JsonOpt, StoreOpt, app, connect, out, settings
+from jobfleet.cli.fmt import dumps
+from jobfleet.errors import SpecError
+from jobfleet.spec import JobSpec, each_jobs, read_jobs
+from jobfleet.store import NewRun
+
+Args = Annotated[
+    list[str] | None,
+    typer.Argument(metavar="FILE | ARGS...",
+                   help="A job file (.csv .tsv .json .jsonl .yaml), or with --each the arguments."),
+]
+EachOpt = Annotated[
+    str | None,
+    typer.Option("--each", metavar="TEMPLATE",
+                 help="Make one job per argument from TEMPLATE, `{}` standing for it."),
+]
+NameOpt = Annotated[str | None, typer.Option("--name", help="A name for the run.")]
+
+
+def load_jobs(args: list[str] | None, each: str | None) -> tuple[list[JobSpec], str]:
+    """The jobs the user asked for, all validated, and a description of where from."""
+    args = args or []
+    if each is not None:
+        if not args:
+            raise SpecError("--each needs arguments to make jobs from",
+                            hint="e.g. jobfleet run --each 'gzip -k {}' data/*.txt")
+        return each_jobs(each, args), f"--each {each}"
+    if len(args) != 1:
+        raise SpecError(
+            "give one job file" if not args else f"expected one job file, got {len(args)} arguments",
+            hint="jobfleet run jobs.csv, or jobfleet run --each 'CMD {}' ARG...")
+    path = Path(args[0])
+    if not path.is_file():
+        raise SpecError(f"no job file {path}", hint="check the path (relative to this folder)")
+    return read_jobs(path), str(path)
+
+
+@app.command()
+def submit(
+    args: Args = None,
+    each: EachOpt = None,
+    name: NameOpt = None,
+    store: StoreOpt = None,
+    blobs: BlobsOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Store the jobs as a new run and return; workers pick them up (`jobfleet worker`)."""
+    jobs, source = load_jobs(args, each)
+    s = settings(store, blobs)
+    db, _ = connect(s)
+    run_id = db.submit(NewRun(name=name, source=source, workdir=os.getcwd()), jobs)
+    if json:
+        out.print(dumps({"run": run_id, "jobs": len(jobs), "store": db.url}))
+    else:
+        out.print(f"run {run_id}: {len(jobs)} jobs queued in {db.url}")
+        out.print(f"  start workers with: jobfleet worker --run {run_id}")
+
+
+@app.command()
+def run(
+    args: Args = None,
+    each: EachOpt = None,
+    name: NameOpt = None,
+    slots: Annotated[int | None, typer.Option(
+        "--slots", help="Jobs at once [default: CPU count].")] = None,
+    lease_seconds: Annotated[float | None, typer.Option(
+        "--lease-seconds", help="How long a lease lasts without a heartbeat.")] = None,
+    store: StoreOpt = None,
+    blobs: BlobsOpt = None,
+) -> None:
+    """Run every job on this machine with a live progress bar; exit 1 if any job failed."""
+    from jobfleet.cli.watch import watch_run
+    from jobfleet.local import start_worker
+    from jobfleet.worker import WorkerOptions
+
+    jobs, source = load_jobs(args, each)
+    s = settings(store, blobs, slots=slots, lease_seconds=lease_seconds)
+    run_id = secrets.token_hex(4)
+    options = WorkerOptions(
+        slots=s.slots, lease_seconds=s.lease_seconds, run_id=run_id, until_done=True,
+        drain_seconds=s.drain_seconds, kill_grace=s.kill_grace, worker_id=f"w{run_id[:4]}-1")
+    # the worker starts up while we store the run: it waits for the run to appear
+    workers = [start_worker(s, options)]
+    try:
+        db, blob_store = connect(s)
+        db.submit(NewRun(name=name, source=source, workdir=os.getcwd(), id=run_id), jobs)
+    except BaseException:
+        for w in workers:
+            w.proc.kill()
+            w.proc.wait()
+        raise
+    code = watch_run(db, blob_store, run_id, workers, s, options)
+    raise typer.Exit(code)

@@ -1,0 +1,213 @@
+"""JobSpec, the validated description of one job, and the parsing of its fields."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from jobfleet.errors import SpecError
+
+#: columns/keys that set job fields; every other column is a template parameter
+RESERVED = frozenset(
+    {
+        "command", "name", "cpus", "memory", "gpus", "timeout", "max_attempts", "workdir",
+        "outputs", "skip_if_done", "min_size", "instance_type", "retry_on", "retry_delay",
+    }
+)
+ENV_PREFIX = "env."
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """One job: a shell command line and how to run it."""
+
+    command: str
+    name: str | None = None
+    cpus: float = 1.0
+    memory: int = 0  # bytes; 0 means "not stated"
+    gpus: int = 0
+    timeout: float | None = None  # seconds
+    max_attempts: int = 3
+    workdir: str | None = None
+    outputs: tuple[str, ...] = ()
+    skip_if_done: bool = False
+    min_size: int = 0  # bytes each output must have, with skip_if_done
+    instance_type: str | None = None  # placement hint
+    retry_on: tuple[int, ...] = ()  # exit codes worth a retry; empty = any failure
+    retry_delay: float = 1.0  # first backoff, seconds; doubles per attempt
+    env: Mapping[str, str] = field(default_factory=dict)
+    params: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        return json.dumps({k: v for k, v in d.items() if v != _DEFAULTS.get(k)})
+
+    @classmethod
+    def from_json(cls, text: str) -> JobSpec:
+        d = json.loads(text)
+        for k in ("outputs", "retry_on"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+_DEFAULTS: dict[str, Any] = {
+    "name": None, "cpus": 1.0, "memory": 0, "gpus": 0, "timeout": None, "max_attempts": 3,
+    "workdir": None, "outputs": (), "skip_if_done": False, "min_size": 0,
+    "instance_type": None, "retry_on": (), "retry_delay": 1.0, "env": {}, "params": {},
+}
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)\s*\Z", re.IGNORECASE)
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+    "t": 10**12, "tb": 10**12, "p": 10**15, "pb": 10**15,
+    "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30,
+    "ti": 2**40, "tib": 2**40, "pi": 2**50, "pib": 2**50,
+}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*\Z", re.IGNORECASE)
+_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_TRUE = {"1", "true", "yes", "y", "on"}
+_FALSE = {"0", "false", "no", "n", "off", ""}
+
+
+def parse_size(value: object) -> int:
+    """Bytes from `512MB`, `2GiB`, `1.5g` or a plain number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a size")
+    if isinstance(value, int | float):
+        if value < 0 or not math.isfinite(value):
+            raise ValueError(f"{value!r} is not a size")
+        return int(value)
+    m = _SIZE.match(str(value))
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"{value!r} is not a size; write e.g. 512MB, 2GiB or a number of bytes")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from `90`, `90s`, `5m`, `2h`, `1d` or `250ms`."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration")
+    if isinstance(value, int | float):
+        if value < 0 or not math.isfinite(value):
+            raise ValueError(f"{value!r} is not a duration")
+        return float(value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ValueError(f"{value!r} is not a duration; write e.g. 90, 90s, 5m or 2h")
+    unit = m.group(2).lower() if m.group(2) else None
+    return float(m.group(1)) * _DURATION_UNITS[unit]
+
+
+def parse_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"{value!r} is not true or false; write true/false, yes/no or 1/0")
+
+
+def _number(value: object, kind: type[int] | type[float], low: float) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number")
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{value!r} is not a whole number")
+    try:
+        n = kind(str(value).strip()) if isinstance(value, str) else kind(value)  # type: ignore[arg-type,call-overload]
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not a {'whole ' if kind is int else ''}number") from None
+    if not math.isfinite(n) or n < low:
+        raise ValueError(f"{value!r} must be at least {low:g}")
+    return n
+
+
+def _list(value: object, sep: str = ";") -> list[str]:
+    if isinstance(value, list | tuple):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return [p.strip() for p in str(value).split(sep) if p.strip()]
+
+
+def _optional_text(value: object) -> str | None:
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
+_FIELD_PARSERS: dict[str, Any] = {
+    "name": _optional_text,
+    "cpus": lambda v: _number(v, float, 0),
+    "memory": parse_size,
+    "gpus": lambda v: _number(v, int, 0),
+    "timeout": lambda v: None if str(v).strip() == "" else parse_duration(v),
+    "max_attempts": lambda v: _number(v, int, 1),
+    "workdir": _optional_text,
+    "outputs": lambda v: tuple(_list(v)),
+    "skip_if_done": parse_bool,
+    "min_size": parse_size,
+    "instance_type": _optional_text,
+    "retry_on": lambda v: tuple(_number(x, int, 0) for x in _list(v, sep=",")),
+    "retry_delay": parse_duration,
+}
+
+#: (field, raw text) -> parsed value; values are immutable, so sharing them is safe
+_PARSED: dict[Any, Any] = {}
+
+
+def make_job(
+    command: str,
+    fields: Mapping[str, object],
+    env: Mapping[str, object],
+    params: Mapping[str, str],
+    *,
+    source: str | None = None,
+    line: int | None = None,
+) -> JobSpec:
+    """Build a JobSpec from already-templated `command` and raw reserved `fields`.
+
+    Empty values (``""`` or ``None``) leave a field at its default, so a CSV cell may be blank.
+    Raises SpecError naming `source`, `line` and the column for every bad value.
+    """
+    if not command or not command.strip():
+        raise SpecError("the job has no command", source=source, line=line, column="command",
+                        hint="give every job a shell command line in the 'command' column/key")
+    kwargs: dict[str, Any] = {}
+    for key, raw in fields.items():
+        parse = _FIELD_PARSERS.get(key)
+        if parse is None:
+            raise SpecError(f"'{key}' is not a job field", source=source, line=line,
+                            hint=f"job fields are: {', '.join(sorted(RESERVED))}")
+        if raw is None or (isinstance(raw, str) and raw.strip() == ""):
+            continue
+        if isinstance(raw, str):  # table columns repeat values: parse each text once
+            value = _PARSED.get((key, raw), _PARSED)
+            if value is not _PARSED:
+                kwargs[key] = value
+                continue
+        try:
+            kwargs[key] = value = parse(raw)
+        except ValueError as e:
+            raise SpecError(str(e), source=source, line=line, column=key) from None
+        if isinstance(raw, str):
+            if len(_PARSED) >= 8192:
+                _PARSED.clear()
+            _PARSED[key, raw] = value
+    clean_env: dict[str, str] = {}
+    for k, v in env.items():
+        if not _ENV_NAME.match(k):
+            raise SpecError(f"'{k}' is not a valid environment variable name", source=source,
+                            line=line, column=ENV_PREFIX + k,
+                            hint="use letters, digits and _, not starting with a digit")
+        clean_env[k] = "" if v is None else str(v)
+    if kwargs.get("min_size") and not kwargs.get("outputs"):
+        raise SpecError("min_size needs outputs to check", source=source, line=line,
+                        column="min_size",
+                        hint="declare the files in 'outputs' (globs, ;-separated)")
+    return JobSpec(command=command, env=clean_env, params=dict(params), **kwargs)

@@ -1,0 +1,280 @@
+"""The store interface: runs, jobs, attempts, workers and events, and the records it returns."""
+
+from __future__ import annotations
+
+import abc
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from jobfleet.spec.model import JobSpec
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, SKIPPED = (
+    "queued", "running", "succeeded", "failed", "cancelled", "skipped")
+#: every job state, in the order the CLI shows them
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, SKIPPED)
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, SKIPPED})
+#: the longest wait between retries, whatever the job's retry_delay
+MAX_BACKOFF = 300.0
+
+Clock = Callable[[], float]
+
+
+def job_id(run_id: str, seq: int) -> str:
+    """The public id of a job: its run's id and its 1-based position in the job file."""
+    return f"{run_id}-{seq}"
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    id: str
+    name: str | None
+    source: str | None
+    workdir: str | None
+    created_at: float
+    total: int
+    cancelled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    key: int  # the store's internal row key
+    run_id: str
+    seq: int
+    name: str | None
+    state: str
+    attempts: int
+    max_attempts: int
+    exit_code: int | None
+    signal: int | None
+    reason: str | None
+    started_at: float | None
+    finished_at: float | None
+    not_before: float
+    worker_id: str | None
+    spec_json: str
+
+    @property
+    def id(self) -> str:
+        return job_id(self.run_id, self.seq)
+
+    @property
+    def spec(self) -> JobSpec:
+        return JobSpec.from_json(self.spec_json)
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    job_key: int
+    number: int
+    worker_id: str | None
+    state: str  # running, succeeded, failed, lost, cancelled, released, skipped
+    started_at: float | None
+    finished_at: float | None
+    exit_code: int | None
+    signal: int | None
+    reason: str | None
+    peak_rss: int | None
+    log: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A job handed to one worker for one attempt; `token` fences everything it reports."""
+
+    key: int
+    run_id: str
+    seq: int
+    attempt: int
+    token: str
+    expires: float
+    spec: JobSpec
+    run_workdir: str | None
+
+    @property
+    def id(self) -> str:
+        return job_id(self.run_id, self.seq)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one leased attempt.
+
+    status: succeeded, failed, skipped, cancelled, or released (handed back unrun,
+    e.g. when a worker drains; it does not use up an attempt).
+    """
+
+    key: int
+    token: str
+    status: str
+    exit_code: int | None = None
+    signal: int | None = None
+    reason: str | None = None
+    peak_rss: int | None = None
+    log: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Beat:
+    """A heartbeat's answer: leases this worker lost, and jobs it must cancel."""
+
+    lost: frozenset[int] = frozenset()
+    cancel: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """What a worker can still take: free slots and resources."""
+
+    slots: int
+    cpus: float
+    memory: int  # bytes
+    gpus: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    id: str
+    host: str
+    pid: int
+    slots: int
+    cpus: float
+    memory: int
+    gpus: int
+    lease_seconds: float
+    run_id: str | None
+    state: str  # running, draining, stopped
+    started_at: float
+    heartbeat_at: float
+    jobs_done: int
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    at: float
+    kind: str
+    run_id: str | None
+    job_key: int | None
+    worker_id: str | None
+    detail: dict[str, object] = field(default_factory=dict)
+
+    @staticmethod
+    def detail_of(text: str | None) -> dict[str, object]:
+        return json.loads(text) if text else {}
+
+
+@dataclass(frozen=True, slots=True)
+class NewRun:
+    """What `submit` needs besides the jobs."""
+
+    name: str | None = None
+    source: str | None = None
+    workdir: str | None = None
+    id: str | None = None  # chosen by the store when not given
+
+
+class Store(abc.ABC):
+    """Durable queue semantics: lease with token and expiry, heartbeat, fenced finish, retry."""
+
+    url: str
+
+    # -- submission -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def submit(self, run: NewRun, jobs: Iterable[JobSpec]) -> str:
+        """Store a run and all its jobs in one transaction; returns the run id."""
+
+    # -- the worker's side ------------------------------------------------------------------
+    @abc.abstractmethod
+    def register_worker(self, worker: WorkerInfo) -> None: ...
+
+    @abc.abstractmethod
+    def set_worker_state(self, worker_id: str, state: str) -> None: ...
+
+    @abc.abstractmethod
+    def lease(
+        self, worker_id: str, free: Capacity, lease_seconds: float, run_id: str | None = None
+    ) -> list[Lease]:
+        """Hand out up to `free.slots` ready jobs that fit in `free`, each with a new token."""
+
+    @abc.abstractmethod
+    def heartbeat(
+        self, worker_id: str, leases: Sequence[tuple[int, str]], lease_seconds: float
+    ) -> Beat:
+        """Extend the leases (key, token) still held; report lost ones and cancel requests."""
+
+    @abc.abstractmethod
+    def finish(self, worker_id: str, outcomes: Sequence[Outcome]) -> list[int]:
+        """Record outcomes; returns keys whose token was stale (nothing recorded for them)."""
+
+    def exchange(
+        self,
+        worker_id: str,
+        outcomes: Sequence[Outcome],
+        free: Capacity,
+        lease_seconds: float,
+        run_id: str | None = None,
+    ) -> tuple[list[int], list[Lease]]:
+        """`finish` then `lease`, in one round trip where the store can."""
+        return self.finish(worker_id, outcomes), self.lease(worker_id, free, lease_seconds, run_id)
+
+    @abc.abstractmethod
+    def next_due(self, total: Capacity, run_id: str | None = None) -> float | None:
+        """When the earliest queued job that fits in `total` becomes ready; None if none."""
+
+    @abc.abstractmethod
+    def forget_worker(self, worker_id: str, reason: str) -> int:
+        """A worker is known dead: end its running attempts as lost now; returns how many."""
+
+    @abc.abstractmethod
+    def reap(self) -> int:
+        """Requeue (or fail) jobs whose lease expired; returns how many."""
+
+    # -- the user's side --------------------------------------------------------------------
+    @abc.abstractmethod
+    def runs(self, limit: int = 50) -> list[Run]: ...
+
+    @abc.abstractmethod
+    def run(self, ref: str) -> Run:
+        """The run with this id or unique id prefix (`latest` for the newest)."""
+
+    @abc.abstractmethod
+    def pending(self, run_id: str) -> int | None:
+        """Jobs of the run still queued or running; None while the run does not exist."""
+
+    @abc.abstractmethod
+    def counts(self, run_id: str) -> dict[str, int]:
+        """Jobs per state, with every state present."""
+
+    @abc.abstractmethod
+    def jobs(self, run_id: str, state: str | None = None, limit: int | None = None) -> list[Job]:
+        ...
+
+    @abc.abstractmethod
+    def job(self, ref: str) -> Job:
+        """The job with id `RUN-SEQ` (RUN may be a unique prefix)."""
+
+    @abc.abstractmethod
+    def attempts(self, job_key: int) -> list[Attempt]: ...
+
+    @abc.abstractmethod
+    def events(self, run_id: str | None = None, job_key: int | None = None) -> list[Event]: ...
+
+    @abc.abstractmethod
+    def workers(self) -> list[WorkerInfo]: ...
+
+    @abc.abstractmethod
+    def retry(self, run_id: str, job_key: int | None = None) -> int:
+        """Requeue failed jobs (of the run, or one job) with a fresh attempt budget."""
+
+    @abc.abstractmethod
+    def cancel(self, run_id: str, job_key: int | None = None) -> tuple[int, int]:
+        """Cancel queued jobs now and ask workers to kill running ones; (cancelled, asked)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

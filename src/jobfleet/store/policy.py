@@ -1,0 +1,50 @@
+"""Retry policy: what state a job goes to after an attempt ends, shared by every store."""
+
+from __future__ import annotations
+
+import random
+
+from jobfleet.store.base import CANCELLED, FAILED, MAX_BACKOFF, QUEUED
+
+#: attempt outcomes that may be retried
+_RETRYABLE = frozenset({"failed", "lost"})
+
+
+def backoff(retry_delay: float, used: int, rng: random.Random | None = None) -> float:
+    """Seconds to wait before attempt `used + 1`: doubling from `retry_delay`, capped, jittered.
+
+    The jitter keeps the upper half of the window ("equal jitter"), so a fleet of failing jobs
+    spreads out without any of them retrying much sooner than asked.
+    """
+    if retry_delay <= 0:
+        return 0.0
+    delay = min(MAX_BACKOFF, retry_delay * 2.0 ** max(0, used - 1))
+    return delay * (rng or random).uniform(0.5, 1.0)
+
+
+def after_attempt(
+    status: str,
+    *,
+    exit_code: int | None,
+    used: int,
+    max_attempts: int,
+    retry_on: str | None,
+    retry_delay: float,
+    cancel_requested: bool,
+    now: float,
+) -> tuple[str, float]:
+    """The job's next (state, not_before) after an attempt ended with `status`.
+
+    `status` is an Outcome status or `lost` (lease expired). `used` counts attempts against
+    the budget, this one included. `retry_on` limits retries of non-zero exits to those codes;
+    a lost worker, a timeout or a signal is always worth another try.
+    """
+    if status not in _RETRYABLE:
+        return status, 0.0
+    if cancel_requested:
+        return CANCELLED, 0.0
+    if exit_code is not None and retry_on and str(exit_code) not in retry_on.split(","):
+        return FAILED, 0.0
+    if used < max_attempts:
+        return QUEUED, now + backoff(retry_delay, used)
+    return FAILED, 0.0

@@ -1,0 +1,549 @@
+"""The embedded store: one SQLite file in WAL mode, shared by every process on this machine."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from jobfleet.errors import NotFound, StoreError
+from jobfleet.spec.model import JobSpec
+from jobfleet.store import policy
+from jobfleet.store.base import (
+    CANCELLED,
+    QUEUED,
+    RUNNING,
+    STATES,
+    SUCCEEDED,
+    Attempt,
+    Beat,
+    Capacity,
+    Clock,
+    Event,
+    Job,
+    Lease,
+    NewRun,
+    Outcome,
+    Run,
+    Store,
+    WorkerInfo,
+)
+
+_JOB_COLUMNS = (
+    "id, run_id, seq, name, state, attempts, max_attempts, exit_code, signal, reason, "
+    "started_at, finished_at, not_before, worker_id, spec"
+)
+_REF = re.compile(r"[0-9a-z]+\Z")
+#: how often one process looks for expired leases, at most
+_REAP_EVERY = 1.0
+
+
+def _migrations() -> list[tuple[int, str]]:
+    found = []
+    for entry in resources.files("jobfleet.store").joinpath("sql").iterdir():
+        m = re.match(r"sqlite_(\d+)_\w+\.sql\Z", entry.name)
+        if m:
+            found.append((int(m.group(1)), entry.read_text()))
+    return sorted(found)
+
+
+def _statements(script: str) -> Iterator[str]:
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            yield buf
+            buf = ""
+
+
+class SQLiteStore(Store):
+    """A Store in one SQLite file; safe for many processes (WAL, immediate transactions)."""
+
+    def __init__(self, path: str | Path, *, clock: Clock = time.time) -> None:
+        self.path = Path(path)
+        self.url = f"sqlite://{self.path}"
+        self.clock = clock
+        self._lock = threading.RLock()
+        self._next_reap = 0.0
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                self.path, isolation_level=None, timeout=60, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except (sqlite3.Error, OSError) as e:
+            raise StoreError(
+                f"cannot open the store {self.path}: {e}",
+                hint="check that the folder exists and is writable, or pass --store URL",
+            ) from None
+
+    # -- plumbing ---------------------------------------------------------------------------
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._tx() as c:
+            c.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations"
+                " (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+            )
+            done = {v for (v,) in c.execute("SELECT version FROM schema_migrations")}
+            for version, script in _migrations():
+                if version in done:
+                    continue
+                for statement in _statements(script):
+                    c.execute(statement)
+                c.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, self.clock()))
+
+    def schema_version(self) -> int:
+        (v,) = self._db.execute("SELECT max(version) FROM schema_migrations").fetchone()
+        return int(v or 0)
+
+    @staticmethod
+    def _event(
+        c: sqlite3.Connection,
+        now: float,
+        kind: str,
+        run_id: str | None,
+        job_key: int | None = None,
+        worker_id: str | None = None,
+        **detail: object,
+    ) -> None:
+        c.execute(
+            "INSERT INTO events (at, kind, run_id, job_id, worker_id, detail) VALUES (?,?,?,?,?,?)",
+            (now, kind, run_id, job_key, worker_id, json.dumps(detail) if detail else None),
+        )
+
+    # -- submission -------------------------------------------------------------------------
+    def submit(self, run: NewRun, jobs: Iterable[JobSpec]) -> str:
+        now = self.clock()
+        with self._tx() as c:
+            run_id = run.id or secrets.token_hex(4)
+            while c.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
+                if run.id:
+                    raise StoreError(f"a run {run.id} exists already")
+                run_id = secrets.token_hex(4)
+            c.execute(
+                "INSERT INTO runs (id, name, source, workdir, created_at, total)"
+                " VALUES (?,?,?,?,?,0)",
+                (run_id, run.name, run.source, run.workdir, now),
+            )
+            rows = (
+                (run_id, seq, j.name, j.cpus, j.memory, j.gpus, j.max_attempts, j.retry_delay,
+                 ",".join(map(str, j.retry_on)) or None, j.to_json())
+                for seq, j in enumerate(jobs, 1)
+            )
+            c.executemany(
+                "INSERT INTO jobs (run_id, seq, name, cpus, memory, gpus, max_attempts,"
+                " retry_delay, retry_on, spec) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                rows,
+            )
+            (total,) = c.execute("SELECT count(*) FROM jobs WHERE run_id = ?", (run_id,)).fetchone()
+            if total == 0:
+                raise StoreError("nothing to submit: the run has no jobs")
+            c.execute("UPDATE runs SET total = ? WHERE id = ?", (total, run_id))
+            self._event(c, now, "submitted", run_id, jobs=total, source=run.source)
+        return run_id
+
+    # -- the worker's side ------------------------------------------------------------------
+    def register_worker(self, w: WorkerInfo) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO workers VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (w.id, w.host, w.pid, w.slots, w.cpus, w.memory, w.gpus, w.lease_seconds,
+                 w.run_id, w.state,
+                 w.started_at, w.heartbeat_at, w.jobs_done),
+            )
+            self._event(c, w.started_at, "worker_started", w.run_id, None, w.id,
+                        host=w.host, pid=w.pid, slots=w.slots)
+
+    def set_worker_state(self, worker_id: str, state: str) -> None:
+        now = self.clock()
+        with self._tx() as c:
+            c.execute("UPDATE workers SET state = ?, heartbeat_at = ? WHERE id = ?",
+                      (state, now, worker_id))
+            self._event(c, now, f"worker_{state}", None, None, worker_id)
+
+    def lease(
+        self, worker_id: str, free: Capacity, lease_seconds: float, run_id: str | None = None
+    ) -> list[Lease]:
+        if free.slots <= 0:
+            return []
+        now = self.clock()
+        with self._tx() as c:
+            return self._lease(c, now, worker_id, free, lease_seconds, run_id)
+
+    def exchange(
+        self,
+        worker_id: str,
+        outcomes: Sequence[Outcome],
+        free: Capacity,
+        lease_seconds: float,
+        run_id: str | None = None,
+    ) -> tuple[list[int], list[Lease]]:
+        now = self.clock()
+        with self._tx() as c:
+            stale = self._finish(c, now, worker_id, outcomes)
+            leases = self._lease(c, now, worker_id, free, lease_seconds, run_id)
+        return stale, leases
+
+    def _lease(
+        self,
+        c: sqlite3.Connection,
+        now: float,
+        worker_id: str,
+        free: Capacity,
+        lease_seconds: float,
+        run_id: str | None,
+    ) -> list[Lease]:
+        if free.slots <= 0:
+            return []
+        if now >= self._next_reap:
+            self._reap(c, now)
+            self._next_reap = now + _REAP_EVERY
+        expires = now + lease_seconds
+        sql = (
+            "SELECT j.id, j.run_id, j.seq, j.attempts, j.cpus, j.memory, j.gpus, j.spec,"
+            " r.workdir FROM jobs j JOIN runs r ON r.id = j.run_id"
+            " WHERE j.state = 'queued' AND j.not_before <= ?"
+            " AND j.cpus <= ? AND j.memory <= ? AND j.gpus <= ?"
+        )
+        args: list[Any] = [now, free.cpus, free.memory, free.gpus]
+        if run_id is not None:
+            sql += " AND j.run_id = ?"
+            args.append(run_id)
+        sql += " ORDER BY j.id LIMIT ?"
+        args.append(free.slots + 8)
+        cpus, memory, gpus = free.cpus, free.memory, free.gpus
+        leases: list[Lease] = []
+        for key, rid, seq, attempts, jc, jm, jg, spec, workdir in c.execute(sql, args):
+            if jc > cpus or jm > memory or jg > gpus:
+                continue
+            cpus, memory, gpus = cpus - jc, memory - jm, gpus - jg
+            leases.append(Lease(key, rid, seq, attempts + 1, secrets.token_hex(8), expires,
+                                JobSpec.from_json(spec), workdir))
+            if len(leases) == free.slots:
+                break
+        c.executemany(
+            "UPDATE jobs SET state = 'running', attempts = ?, worker_id = ?, lease_token = ?,"
+            " lease_expires = ?, started_at = ?, exit_code = NULL, signal = NULL,"
+            " reason = NULL, finished_at = NULL WHERE id = ?",
+            [(x.attempt, worker_id, x.token, expires, now, x.key) for x in leases],
+        )
+        # the attempt row is the record of the lease (who, when): no separate event
+        c.executemany(
+            "INSERT INTO attempts (job_id, number, worker_id, token, state, started_at)"
+            " VALUES (?,?,?,?,'running',?)",
+            [(x.key, x.attempt, worker_id, x.token, now) for x in leases],
+        )
+        return leases
+
+    def heartbeat(
+        self, worker_id: str, leases: Sequence[tuple[int, str]], lease_seconds: float
+    ) -> Beat:
+        now = self.clock()
+        lost = set()
+        with self._tx() as c:
+            for key, token in leases:
+                cur = c.execute(
+                    "UPDATE jobs SET lease_expires = ? WHERE id = ? AND lease_token = ?"
+                    " AND state = 'running'",
+                    (now + lease_seconds, key, token),
+                )
+                if cur.rowcount == 0:
+                    lost.add(key)
+            cancel = {k for (k,) in c.execute(
+                "SELECT id FROM jobs WHERE worker_id = ? AND state = 'running'"
+                " AND cancel_requested = 1", (worker_id,))}
+            c.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (now, worker_id))
+        return Beat(frozenset(lost), frozenset(cancel))
+
+    def finish(self, worker_id: str, outcomes: Sequence[Outcome]) -> list[int]:
+        now = self.clock()
+        with self._tx() as c:
+            return self._finish(c, now, worker_id, outcomes)
+
+    def _finish(
+        self, c: sqlite3.Connection, now: float, worker_id: str, outcomes: Sequence[Outcome]
+    ) -> list[int]:
+        stale: list[int] = []
+        for o in outcomes:
+            if o.status == SUCCEEDED:  # the hot path: one statement settles the job
+                row = c.execute(
+                    "UPDATE jobs SET state = 'succeeded', lease_token = NULL, lease_expires = NULL,"
+                    " exit_code = ?, finished_at = ? WHERE id = ? AND lease_token = ?"
+                    " AND state = 'running' RETURNING attempts",
+                    (o.exit_code, now, o.key, o.token),
+                ).fetchone()
+                if row is None:
+                    stale.append(o.key)
+                    continue
+                c.execute(
+                    "UPDATE attempts SET state = 'succeeded', finished_at = ?, exit_code = ?,"
+                    " peak_rss = ?, log = ? WHERE job_id = ? AND number = ?",
+                    (now, o.exit_code, o.peak_rss, o.log, o.key, row[0]),
+                )
+                continue
+            row = c.execute(
+                "SELECT run_id, attempts, budget_from, max_attempts, retry_on, retry_delay,"
+                " cancel_requested FROM jobs WHERE id = ? AND lease_token = ?"
+                " AND state = 'running'",
+                (o.key, o.token),
+            ).fetchone()
+            if row is None:
+                stale.append(o.key)
+                continue
+            self._settle(c, now, o.key, row, o.status, o.exit_code, o.signal, o.reason,
+                         o.peak_rss, o.log, worker_id)
+        if outcomes:
+            c.execute(
+                "UPDATE workers SET jobs_done = jobs_done + ?, heartbeat_at = ? WHERE id = ?",
+                (len(outcomes) - len(stale), now, worker_id),
+            )
+        return stale
+
+    def _settle(
+        self,
+        c: sqlite3.Connection,
+        now: float,
+        key: int,
+        row: tuple[Any, ...],
+        status: str,
+        exit_code: int | None,
+        signal: int | None,
+        reason: str | None,
+        peak_rss: int | None,
+        log: str | None,
+        worker_id: str | None,
+    ) -> None:
+        """End the running attempt of job `key` with `status` and move the job on."""
+        run_id, attempts, budget_from, max_attempts, retry_on, retry_delay, cancel_req = row
+        if status == "released":
+            state, not_before, budget_from = QUEUED, now, budget_from + 1
+        else:
+            state, not_before = policy.after_attempt(
+                status, exit_code=exit_code, used=attempts - budget_from,
+                max_attempts=max_attempts, retry_on=retry_on, retry_delay=retry_delay,
+                cancel_requested=bool(cancel_req), now=now)
+        c.execute(
+            "UPDATE jobs SET state = ?, not_before = ?, budget_from = ?, lease_token = NULL,"
+            " lease_expires = NULL, exit_code = ?, signal = ?, reason = ?, finished_at = ?"
+            " WHERE id = ?",
+            (state, not_before, budget_from, exit_code, signal, reason,
+             None if state == QUEUED else now, key),
+        )
+        c.execute(
+            "UPDATE attempts SET state = ?, finished_at = ?, exit_code = ?, signal = ?,"
+            " reason = ?, peak_rss = ?, log = coalesce(?, log) WHERE job_id = ? AND number = ?",
+            (status, now, exit_code, signal, reason, peak_rss, log, key, attempts),
+        )
+        detail: dict[str, object] = {"attempt": attempts, "then": state}
+        if exit_code is not None:
+            detail["exit_code"] = exit_code
+        if signal is not None:
+            detail["signal"] = signal
+        if reason:
+            detail["reason"] = reason
+        if state == QUEUED and status != "released":
+            detail["retry_at"] = round(not_before, 3)
+        kind = "lease_expired" if status == "lost" else status
+        self._event(c, now, kind, run_id, key, worker_id, **detail)
+
+    def reap(self) -> int:
+        now = self.clock()
+        with self._tx() as c:
+            return self._reap(c, now)
+
+    def _reap(self, c: sqlite3.Connection, now: float, worker_id: str | None = None,
+              reason: str | None = None) -> int:
+        sql = (
+            "SELECT id, worker_id, run_id, attempts, budget_from, max_attempts, retry_on,"
+            " retry_delay, cancel_requested FROM jobs WHERE state = 'running' AND "
+        )
+        if worker_id is None:
+            rows = c.execute(sql + "lease_expires < ?", (now,)).fetchall()
+        else:
+            rows = c.execute(sql + "worker_id = ?", (worker_id,)).fetchall()
+        for key, wid, *row in rows:
+            why = reason or f"worker {wid} lost: its lease expired"
+            self._settle(c, now, key, tuple(row), "lost", None, None, why, None, None, wid)
+        return len(rows)
+
+    def next_due(self, total: Capacity, run_id: str | None = None) -> float | None:
+        sql = ("SELECT min(not_before) FROM jobs WHERE state = 'queued'"
+               " AND cpus <= ? AND memory <= ? AND gpus <= ?")
+        args: list[Any] = [total.cpus, total.memory, total.gpus]
+        if run_id is not None:
+            sql += " AND run_id = ?"
+            args.append(run_id)
+        (due,) = self._db.execute(sql, args).fetchone()
+        return None if due is None else float(due)
+
+    def forget_worker(self, worker_id: str, reason: str) -> int:
+        now = self.clock()
+        with self._tx() as c:
+            c.execute("UPDATE workers SET state = 'lost' WHERE id = ?", (worker_id,))
+            return self._reap(c, now, worker_id, reason)
+
+    # -- the user's side --------------------------------------------------------------------
+    @staticmethod
+    def _run(row: tuple[Any, ...]) -> Run:
+        rid, name, source, workdir, created, total, cancelled = row
+        return Run(rid, name, source, workdir, created, total, bool(cancelled))
+
+    def runs(self, limit: int = 50) -> list[Run]:
+        return [self._run(r) for r in self._db.execute(
+            "SELECT * FROM runs ORDER BY created_at DESC LIMIT ?", (limit,))]
+
+    def run(self, ref: str) -> Run:
+        ref = ref.strip().lower()
+        if ref in ("", "latest", "last"):
+            rows = self._db.execute("SELECT * FROM runs ORDER BY created_at DESC LIMIT 1").fetchall()
+            if not rows:
+                raise NotFound("there are no runs in this store yet",
+                               hint=f"submit one with `jobfleet run FILE` (store: {self.path})")
+            return self._run(rows[0])
+        if not _REF.match(ref):
+            raise NotFound(f"'{ref}' is not a run id", hint="run ids are hex, like 3f9a2c1b")
+        rows = self._db.execute(
+            "SELECT * FROM runs WHERE id >= ? AND id < ? ORDER BY id LIMIT 2", (ref, ref + "~")
+        ).fetchall()
+        if not rows:
+            raise NotFound(f"no run '{ref}' in {self.path}",
+                           hint="`jobfleet runs` lists the runs; check --store too")
+        if len(rows) > 1 and rows[0][0] != ref:
+            raise NotFound(f"'{ref}' names more than one run ({rows[0][0]}, {rows[1][0]}, ...)",
+                           hint="give more characters of the id")
+        return self._run(rows[0])
+
+    def pending(self, run_id: str) -> int | None:
+        if not self._db.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
+            return None
+        (n,) = self._db.execute(
+            "SELECT count(*) FROM jobs WHERE run_id = ? AND state IN ('queued', 'running')",
+            (run_id,)).fetchone()
+        return int(n)
+
+    def counts(self, run_id: str) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        counts.update(self._db.execute(
+            "SELECT state, count(*) FROM jobs WHERE run_id = ? GROUP BY state", (run_id,)))
+        return counts
+
+    @staticmethod
+    def _job(row: tuple[Any, ...]) -> Job:
+        return Job(*row)
+
+    def jobs(self, run_id: str, state: str | None = None, limit: int | None = None) -> list[Job]:
+        sql = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE run_id = ?"
+        args: list[Any] = [run_id]
+        if state is not None:
+            sql += " AND state = ?"
+            args.append(state)
+        sql += " ORDER BY seq LIMIT ?"
+        args.append(-1 if limit is None else limit)
+        return [self._job(r) for r in self._db.execute(sql, args)]
+
+    def job(self, ref: str) -> Job:
+        run_ref, sep, seq = ref.strip().rpartition("-")
+        if not sep or not seq.isdigit():
+            raise NotFound(f"'{ref}' is not a job id",
+                           hint="job ids are RUN-N, like 3f9a2c1b-17 (`jobfleet jobs RUN` lists them)")
+        run = self.run(run_ref) if run_ref else self.run("latest")
+        row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE run_id = ? AND seq = ?",
+                               (run.id, int(seq))).fetchone()
+        if row is None:
+            raise NotFound(f"run {run.id} has no job {seq}",
+                           hint=f"its jobs are numbered 1 to {run.total}")
+        return self._job(row)
+
+    def attempts(self, job_key: int) -> list[Attempt]:
+        return [Attempt(*r) for r in self._db.execute(
+            "SELECT job_id, number, worker_id, state, started_at, finished_at, exit_code, signal,"
+            " reason, peak_rss, log FROM attempts WHERE job_id = ? ORDER BY number", (job_key,))]
+
+    def events(self, run_id: str | None = None, job_key: int | None = None) -> list[Event]:
+        where, args = "", []
+        if job_key is not None:
+            where, args = " WHERE job_id = ?", [job_key]
+        elif run_id is not None:
+            where, args = " WHERE run_id = ?", [run_id]
+        found = [Event(at, kind, rid, jk, wid, Event.detail_of(d)) for at, kind, rid, jk, wid, d
+                 in self._db.execute(f"SELECT at, kind, run_id, job_id, worker_id, detail"
+                                     f" FROM events{where} ORDER BY id", args)]
+        # leases and successes are recorded once, in the attempts table
+        for key, rid, number, wid, started, finished, state, code in self._db.execute(
+            "SELECT a.job_id, j.run_id, a.number, a.worker_id, a.started_at, a.finished_at,"
+            " a.state, a.exit_code FROM attempts a JOIN jobs j ON j.id = a.job_id"
+            + where.replace("job_id", "a.job_id").replace("run_id", "j.run_id"), args,
+        ):
+            found.append(Event(started, "leased", rid, key, wid, {"attempt": number}))
+            if state == SUCCEEDED:
+                found.append(Event(finished, SUCCEEDED, rid, key, wid,
+                                   {"attempt": number, "exit_code": code}))
+        found.sort(key=lambda e: e.at)
+        return found
+
+    def workers(self) -> list[WorkerInfo]:
+        return [WorkerInfo(*r) for r in self._db.execute(
+            "SELECT * FROM workers ORDER BY started_at DESC")]
+
+    def retry(self, run_id: str, job_key: int | None = None) -> int:
+        now = self.clock()
+        with self._tx() as c:
+            sql = (
+                "UPDATE jobs SET state = 'queued', budget_from = attempts, not_before = 0,"
+                " cancel_requested = 0, exit_code = NULL, signal = NULL, reason = NULL,"
+                " finished_at = NULL WHERE run_id = ? AND state = 'failed'"
+            )
+            args: list[Any] = [run_id]
+            if job_key is not None:
+                sql = sql.replace("state = 'failed'", "state IN ('failed', 'cancelled')")
+                sql += " AND id = ?"
+                args.append(job_key)
+            n = c.execute(sql, args).rowcount
+            c.execute("UPDATE runs SET cancelled = 0 WHERE id = ?", (run_id,))
+            self._event(c, now, "retried", run_id, job_key, jobs=n)
+        return n
+
+    def cancel(self, run_id: str, job_key: int | None = None) -> tuple[int, int]:
+        now = self.clock()
+        where, args = "run_id = ?", [run_id]
+        if job_key is not None:
+            where += " AND id = ?"
+            args.append(job_key)
+        with self._tx() as c:
+            done = c.execute(
+                f"UPDATE jobs SET state = '{CANCELLED}', finished_at = ?,"
+                f" reason = 'cancelled by user' WHERE {where} AND state = '{QUEUED}'",
+                [now, *args],
+            ).rowcount
+            asked = c.execute(
+                f"UPDATE jobs SET cancel_requested = 1 WHERE {where} AND state = '{RUNNING}'",
+                args,
+            ).rowcount
+            if job_key is None:
+                c.execute("UPDATE runs SET cancelled = 1 WHERE id = ?", (run_id,))
+            self._event(c, now, "cancel", run_id, job_key, cancelled=done, asked=asked)
+        return done, asked
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,344 @@
+"""The worker's pull loop: lease jobs that fit, run them, heartbeat, report, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import select
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+from jobfleet.blobs import Blobs, log_key
+from jobfleet.sandbox import Child, ProcessSandbox
+from jobfleet.store import Capacity, Lease, Outcome, Store, WorkerInfo
+from jobfleet.worker.outputs import missing_outputs, outputs_done
+
+log = logging.getLogger("jobfleet.worker")
+
+#: the slowest the loop polls an empty queue
+_MAX_IDLE_POLL = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    """How a worker behaves; every field has a CLI flag of the same name."""
+
+    slots: int = os.cpu_count() or 1
+    cpus: float | None = None  # None: max(slots, cpu count)
+    memory: int | None = None  # bytes; None: this machine's memory
+    gpus: int = 0
+    lease_seconds: float = 60.0
+    idle_exit: float | None = None  # seconds without work before exiting
+    max_jobs: int | None = None
+    run_id: str | None = None  # serve only this run
+    until_done: bool = False  # with run_id: exit once that run has nothing queued or running
+    worker_id: str | None = None  # chosen at random when not given
+    drain_seconds: float = 30.0  # after SIGTERM, how long running jobs may finish
+    kill_grace: float = 5.0  # between TERM and KILL on timeout or cancel
+
+
+def machine_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass(slots=True)
+class _Running:
+    lease: Lease
+    child: Child
+    log: str
+    started: float
+    deadline: float | None
+    stopping: str | None = None  # why we are killing it: timeout, cancelled, lost, drain
+    kill_at: float | None = None
+
+
+@dataclass(slots=True)
+class _Stats:
+    done: int = 0
+    leased: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+
+
+class Worker:
+    """Runs jobs from a store until told to stop, idle too long, or done `max_jobs`."""
+
+    def __init__(self, store: Store, blobs: Blobs, options: WorkerOptions | None = None) -> None:
+        self.store, self.blobs = store, blobs
+        self.opts = o = options or WorkerOptions()
+        self.id = o.worker_id or "w" + secrets.token_hex(3)
+        self.cpus = o.cpus if o.cpus is not None else float(max(o.slots, os.cpu_count() or 1))
+        self.memory = o.memory if o.memory is not None else machine_memory()
+        self.sandbox = ProcessSandbox()
+        self.running: dict[int, _Running] = {}  # by pidfd
+        self.stats = _Stats()
+        self.draining = False
+        self._drain_deadline = 0.0
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._base_env = dict(os.environ)
+        self._cwd = os.getcwd()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Drain: take no new jobs; running ones get `drain_seconds`, then are released.
+
+        A second call releases them at once.
+        """
+        now = time.monotonic()
+        if self.draining:
+            self._drain_deadline = now
+        else:
+            self.draining = True
+            self._drain_deadline = now + self.opts.drain_seconds
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stop()
+
+    def run(self) -> _Stats:
+        """The loop. Installs SIGTERM/SIGINT handlers when called from the main thread."""
+        o = self.opts
+        now = time.time()
+        self.store.register_worker(WorkerInfo(
+            self.id, socket.gethostname(), os.getpid(), o.slots, self.cpus, self.memory, o.gpus,
+            o.lease_seconds, o.run_id, "running", now, now, 0))
+        log.info("worker %s started", self.id, extra={"action": "worker_started"})
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_signal)
+        except ValueError:  # not the main thread: the caller stops us with stop()
+            pass
+        try:
+            self._loop()
+        finally:
+            self._release_all()
+            self.store.set_worker_state(self.id, "stopped")
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        return self.stats
+
+    def _loop(self) -> None:
+        o = self.opts
+        heartbeat_every = max(0.05, o.lease_seconds / 3)
+        next_beat = time.monotonic() + heartbeat_every
+        idle_since = time.monotonic()
+        idle_poll = 0.01
+        next_lease = 0.0
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        while True:
+            now = time.monotonic()
+            if self.draining:
+                if not self.running:
+                    return
+                if now >= self._drain_deadline:
+                    for r in self.running.values():
+                        self._kill(r, "drain", now)
+            elif now >= next_lease and not self._quota_reached():
+                got = self._lease_and_start(poller)
+                if got:
+                    idle_poll = 0.01
+                    next_lease = now
+                else:
+                    idle_poll = min(_MAX_IDLE_POLL, idle_poll * 2)
+                    next_lease = now + idle_poll
+            if self.running:
+                idle_since = now
+            elif self._quota_reached() or o.until_done and o.run_id and self.store.pending(o.run_id) == 0:
+                return
+            elif o.idle_exit is not None and now - idle_since >= o.idle_exit:
+                if self._work_due():  # a retry is on its way: waiting for it is not idleness
+                    idle_since = now
+                else:
+                    log.info("worker %s idle for %gs, exiting", self.id, o.idle_exit)
+                    return
+            # how long may we sleep?
+            wake = [next_beat]
+            if not self.draining and len(self.running) < o.slots:
+                wake.append(next_lease)
+            if self.draining:
+                wake.append(self._drain_deadline)
+            for r in self.running.values():
+                if r.kill_at is not None:
+                    wake.append(r.kill_at)
+                elif r.deadline is not None:
+                    wake.append(r.deadline)
+            if o.idle_exit is not None and not self.running:
+                wake.append(idle_since + o.idle_exit)
+            timeout_ms = max(0, int((min(wake) - time.monotonic()) * 1000) + 1)
+            ready = poller.poll(timeout_ms)
+            outcomes = []
+            for fd, _ in ready:
+                if fd == self._wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 64)
+                    continue
+                poller.unregister(fd)
+                outcomes.append(self._reaped(self.running.pop(fd)))
+            if outcomes:
+                if self.draining or self._quota_reached():
+                    self._report(outcomes)
+                else:  # report and take the next jobs in one transaction
+                    self._lease_and_start(poller, outcomes)
+                    next_lease = time.monotonic()
+            now = time.monotonic()
+            self._enforce_limits(now)
+            if now >= next_beat:
+                self._heartbeat(now)
+                next_beat = now + heartbeat_every
+
+    def _work_due(self) -> bool:
+        """Is a job that this worker could take waiting out a retry backoff?"""
+        total = Capacity(self.opts.slots, self.cpus, self.memory, self.opts.gpus)
+        return self.store.next_due(total, self.opts.run_id) is not None
+
+    def _quota_reached(self) -> bool:
+        m = self.opts.max_jobs
+        return m is not None and self.stats.leased >= m
+
+    # -- starting ---------------------------------------------------------------------------
+    def _free(self) -> Capacity:
+        o = self.opts
+        cpus, memory, gpus = self.cpus, self.memory, o.gpus
+        for r in self.running.values():
+            s = r.lease.spec
+            cpus, memory, gpus = cpus - s.cpus, memory - s.memory, gpus - s.gpus
+        slots = o.slots - len(self.running)
+        if o.max_jobs is not None:
+            slots = min(slots, o.max_jobs - self.stats.leased)
+        return Capacity(slots, cpus, memory, gpus)
+
+    def _lease_and_start(self, poller: select.poll, done: list[Outcome] | None = None) -> int:
+        """Report `done` and lease what fits in the free slots; start those jobs."""
+        free = self._free()
+        if done:
+            stale, leases = self.store.exchange(
+                self.id, done, free, self.opts.lease_seconds, self.opts.run_id)
+            self._counted(done, stale)
+        elif free.slots > 0:
+            leases = self.store.lease(self.id, free, self.opts.lease_seconds, self.opts.run_id)
+        else:
+            return 0
+        self.stats.leased += len(leases)
+        early: list[Outcome] = []
+        for lease in leases:
+            started = self._start(lease)
+            if isinstance(started, Outcome):
+                early.append(started)
+            else:
+                self.running[started.child.pidfd] = started
+                poller.register(started.child.pidfd, select.POLLIN)
+        if early:
+            self._report(early)
+        return len(leases)
+
+    def _workdir(self, lease: Lease) -> str:
+        base = lease.run_workdir or self._cwd
+        wd = lease.spec.workdir
+        return base if not wd else os.path.join(base, os.path.expanduser(wd))
+
+    def _start(self, lease: Lease) -> _Running | Outcome:
+        spec = lease.spec
+        key = log_key(lease.run_id, lease.seq, lease.attempt)
+        cwd = self._workdir(lease)
+        if spec.skip_if_done and spec.outputs and outputs_done(spec.outputs, cwd, spec.min_size):
+            return Outcome(lease.key, lease.token, "skipped", reason="outputs already exist")
+        env = self._base_env.copy()
+        env.update(spec.env)
+        env["JOBFLEET_JOB_ID"] = lease.id
+        env["JOBFLEET_RUN_ID"] = lease.run_id
+        env["JOBFLEET_ATTEMPT"] = str(lease.attempt)
+        try:
+            fd = self.blobs.open_log(key)
+        except OSError as e:
+            return Outcome(lease.key, lease.token, "failed",
+                           reason=f"cannot write the log {key}: {e.strerror}")
+        try:
+            child = self.sandbox.start(spec.command, cwd=cwd, env=env, log_fd=fd)
+        except FileNotFoundError:
+            return Outcome(lease.key, lease.token, "failed", log=key,
+                           reason=f"workdir {cwd} does not exist on {socket.gethostname()}")
+        except OSError as e:
+            return Outcome(lease.key, lease.token, "failed", log=key,
+                           reason=f"could not start the job: {e}")
+        finally:
+            os.close(fd)
+        now = time.monotonic()
+        deadline = now + spec.timeout if spec.timeout else None
+        return _Running(lease, child, key, now, deadline)
+
+    # -- stopping ---------------------------------------------------------------------------
+    def _kill(self, r: _Running, why: str, now: float) -> None:
+        """TERM the attempt's group now and KILL it after the grace period."""
+        if r.stopping is None:
+            r.stopping = why
+            r.kill_at = now + self.opts.kill_grace
+            r.child.signal_group(signal.SIGTERM)
+
+    def _enforce_limits(self, now: float) -> None:
+        for r in self.running.values():
+            if r.kill_at is not None:
+                if now >= r.kill_at:
+                    r.child.signal_group(signal.SIGKILL)
+                    r.kill_at = now + 3600  # KILL sent; only the reap is left
+            elif r.deadline is not None and now >= r.deadline:
+                self._kill(r, "timeout", now)
+
+    def _reaped(self, r: _Running) -> Outcome:
+        code, sig, peak = r.child.reap()
+        lease, spec = r.lease, r.lease.spec
+        reason = None
+        if r.stopping == "timeout":
+            status, reason = "failed", f"timed out after {spec.timeout:g}s"
+        elif r.stopping == "cancelled":
+            status, reason = "cancelled", "cancelled by user"
+        elif r.stopping == "drain":
+            status, reason = "released", "worker stopped before the job finished"
+        elif r.stopping == "lost":
+            status, reason = "failed", "lease lost"
+        elif code == 0:
+            status = "succeeded"
+            missing = missing_outputs(spec.outputs, self._workdir(lease)) if spec.outputs else []
+            if missing:
+                status, reason = "failed", f"declared output missing: {', '.join(missing)}"
+        else:
+            status = "failed"
+            reason = f"exit code {code}" if sig is None else f"killed by signal {sig}"
+        self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
+        return Outcome(lease.key, lease.token, status, exit_code=code, signal=sig, reason=reason,
+                       peak_rss=peak, log=r.log)
+
+    def _report(self, outcomes: list[Outcome]) -> None:
+        self._counted(outcomes, self.store.finish(self.id, outcomes))
+
+    def _counted(self, outcomes: list[Outcome], stale: list[int]) -> None:
+        self.stats.done += len(outcomes) - len(stale)
+        for key in stale:
+            log.warning("job %s: result not recorded, the lease was lost", key,
+                        extra={"action": "stale_result"})
+
+    def _heartbeat(self, now: float) -> None:
+        held = [(r.lease.key, r.lease.token) for r in self.running.values()]
+        beat = self.store.heartbeat(self.id, held, self.opts.lease_seconds)
+        for r in self.running.values():
+            if r.lease.key in beat.lost:
+                self._kill(r, "lost", now)
+            elif r.lease.key in beat.cancel:
+                self._kill(r, "cancelled", now)
+
+    def _release_all(self) -> None:
+        """On the way out (also after an error): kill what still runs and hand it back."""
+        if not self.running:
+            return
+        for r in self.running.values():
+            r.child.signal_group(signal.SIGKILL)
+        outcomes = []
+        for r in self.running.values():
+            r.stopping = r.stopping if r.stopping in ("cancelled", "timeout") else "drain"
+            outcomes.append(self._reaped(r))
+        self.running.clear()
+        self._report(outcomes)
