@@ -377,3 +377,15 @@ def test_each_errors() -> None:
         each_jobs("gzip {file}", ["a"])
     with pytest.raises(SpecError, match="inside"):
         each_jobs("gzip '{}'", ["a"])
+
+
+def test_job_without_any_command(tmp_path: Path) -> None:
+    e = error(write(tmp_path, "jobs.json", '{"cpus": 2,\n "jobs": [\n  {"a": 1}]}'))
+    assert (e.line, e.column) == (3, "command") and "no command" in str(e)
+
+
+def test_not_utf8_and_wrong_top_level(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.csv"
+    path.write_bytes(b"command\necho caf\xe9\n")
+    assert "not UTF-8" in str(error(path))
+    assert "expected a mapping" in str(error(write(tmp_path, "jobs.yaml", "hello\n")))

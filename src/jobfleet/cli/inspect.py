@@ -89,6 +89,9 @@ def jobs(
     if json:
         out.print(dumps([job_json(j) for j in found]))
         return
+    if not found:
+        out.print(f"no {state + ' ' if state else ''}jobs in run {run}")
+        return
     table = Table(box=None)
     for col in ("job", "name", "state", "tries", "exit", "took", "reason"):
         table.add_column(col)
@@ -160,7 +163,8 @@ def events(
         return
     for e in found:
         what = names.get(e.job_key or -1, e.run_id or "")
-        detail = " ".join(f"{k}={v}" for k, v in e.detail.items())
+        detail = " ".join(f"{k}={iso(v) if k.endswith('_at') else v}"  # type: ignore[arg-type]
+                          for k, v in e.detail.items())
         worker = f" on {e.worker_id}" if e.worker_id else ""
         out.print(f"{iso(e.at)}  {what:<14} {e.kind}{worker}  [dim]{detail}[/]")
 

@@ -12,7 +12,7 @@ import typer
 from jobfleet.cli.app import BlobsOpt, JsonOpt, StoreOpt, app, connect, out, settings
 from jobfleet.cli.fmt import dumps
 from jobfleet.errors import SpecError
-from jobfleet.spec import JobSpec, each_jobs, read_jobs
+from jobfleet.spec import JobSpec
 from jobfleet.store import NewRun
 
 Args = Annotated[
@@ -30,6 +30,8 @@ NameOpt = Annotated[str | None, typer.Option("--name", help="A name for the run.
 
 def load_jobs(args: list[str] | None, each: str | None) -> tuple[list[JobSpec], str]:
     """The jobs the user asked for, all validated, and a description of where from."""
+    from jobfleet.spec import each_jobs, read_jobs
+
     args = args or []
     if each is not None:
         if not args:
@@ -84,15 +86,15 @@ def run(
     from jobfleet.local import start_worker
     from jobfleet.worker import WorkerOptions
 
-    jobs, source = load_jobs(args, each)
     s = settings(store, blobs, slots=slots, lease_seconds=lease_seconds)
     run_id = secrets.token_hex(4)
     options = WorkerOptions(
         slots=s.slots, lease_seconds=s.lease_seconds, run_id=run_id, until_done=True,
         drain_seconds=s.drain_seconds, kill_grace=s.kill_grace, worker_id=f"w{run_id[:4]}-1")
-    # the worker starts up while we store the run: it waits for the run to appear
+    # the worker starts up while we read and store the jobs: it waits for the run to appear
     workers = [start_worker(s, options)]
     try:
+        jobs, source = load_jobs(args, each)
         db, blob_store = connect(s)
         db.submit(NewRun(name=name, source=source, workdir=os.getcwd(), id=run_id), jobs)
     except BaseException:

@@ -1,8 +1,10 @@
 """Job files and job specs: read, template and validate jobs before anything is stored."""
 
+from __future__ import annotations
+
+from typing import Any
+
 from jobfleet.spec.model import JobSpec, make_job, parse_duration, parse_size
-from jobfleet.spec.readers import each_jobs, iter_jobs, read_jobs
-from jobfleet.spec.template import compile_template, render
 
 __all__ = [
     "JobSpec",
@@ -15,3 +17,17 @@ __all__ = [
     "read_jobs",
     "render",
 ]
+
+_LAZY = {
+    "each_jobs": "readers", "iter_jobs": "readers", "read_jobs": "readers",
+    "compile_template": "template", "render": "template",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The readers (and YAML) load on first use: a worker needs only JobSpec."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"jobfleet.spec.{_LAZY[name]}"), name)
+    raise AttributeError(name)

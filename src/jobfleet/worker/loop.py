@@ -21,6 +21,8 @@ log = logging.getLogger("jobfleet.worker")
 
 #: the slowest the loop polls an empty queue
 _MAX_IDLE_POLL = 0.5
+#: a worker started for a run gives up if the run is not stored within this many seconds
+_RUN_APPEARS_WITHIN = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,7 @@ class Worker:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._base_env = dict(os.environ)
         self._cwd = os.getcwd()
+        self._born = time.monotonic()
 
     # -- lifecycle --------------------------------------------------------------------------
     def stop(self) -> None:
@@ -148,7 +151,7 @@ class Worker:
                     next_lease = now + idle_poll
             if self.running:
                 idle_since = now
-            elif self._quota_reached() or o.until_done and o.run_id and self.store.pending(o.run_id) == 0:
+            elif self._quota_reached() or self._run_over(now - self._born):
                 return
             elif o.idle_exit is not None and now - idle_since >= o.idle_exit:
                 if self._work_due():  # a retry is on its way: waiting for it is not idleness
@@ -195,6 +198,13 @@ class Worker:
         """Is a job that this worker could take waiting out a retry backoff?"""
         total = Capacity(self.opts.slots, self.cpus, self.memory, self.opts.gpus)
         return self.store.next_due(total, self.opts.run_id) is not None
+
+    def _run_over(self, age: float) -> bool:
+        """With until_done: has the run nothing left (or never appeared, a minute on)?"""
+        if not (self.opts.until_done and self.opts.run_id):
+            return False
+        pending = self.store.pending(self.opts.run_id)
+        return pending == 0 or (pending is None and age > _RUN_APPEARS_WITHIN)
 
     def _quota_reached(self) -> bool:
         m = self.opts.max_jobs
