@@ -34,7 +34,8 @@ class Blobs:
                     f"cannot use the blob store {self.url}: {e}",
                     hint="use a local folder, or install the extra for that URL scheme",
                 ) from None
-        self._made: set[Path] = set()
+        self._root_text = str(self.root)
+        self._made: set[str] = set()
 
     def local_path(self, key: str) -> Path | None:
         """The file behind `key` when the blob store is a local folder, else None."""
@@ -42,13 +43,13 @@ class Blobs:
 
     def open_log(self, key: str) -> int:
         """A file descriptor a job can write its output to directly (local folders only)."""
-        path = self.local_path(key)
-        if path is None:
+        if self.root is None:
             raise ConfigError(f"streaming logs to {self.url} is not supported yet",
                               hint="use a local folder for --blobs")
-        parent = path.parent
+        path = os.path.join(self._root_text, key)
+        parent = os.path.dirname(path)
         if parent not in self._made:
-            parent.mkdir(parents=True, exist_ok=True)
+            os.makedirs(parent, exist_ok=True)
             self._made.add(parent)
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
 

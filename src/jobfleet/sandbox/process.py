@@ -54,7 +54,7 @@ class ProcessSandbox:
         self._lock = threading.Lock()
         self._stdin = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
 
-    def start(self, command: str, *, cwd: str, env: Mapping[str, str], log_fd: int) -> Child:
+    def start(self, command: str, *, cwd: str, env: Mapping[bytes, bytes], log_fd: int) -> Child:
         actions = [*self._stdin, (os.POSIX_SPAWN_DUP2, log_fd, 1), (os.POSIX_SPAWN_DUP2, log_fd, 2)]
         argv = [_SHELL, "-c", command]
         main = threading.current_thread() is threading.main_thread()

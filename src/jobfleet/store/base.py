@@ -203,6 +203,10 @@ class Store(abc.ABC):
         """Extend the leases (key, token) still held; report lost ones and cancel requests."""
 
     @abc.abstractmethod
+    def cancel_requests(self, worker_id: str) -> frozenset[int]:
+        """Keys of this worker's running jobs that a user asked to cancel (a cheap read)."""
+
+    @abc.abstractmethod
     def finish(self, worker_id: str, outcomes: Sequence[Outcome]) -> list[int]:
         """Record outcomes; returns keys whose token was stale (nothing recorded for them)."""
 

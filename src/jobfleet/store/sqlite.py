@@ -270,11 +270,13 @@ class SQLiteStore(Store):
                 )
                 if cur.rowcount == 0:
                     lost.add(key)
-            cancel = {k for (k,) in c.execute(
-                "SELECT id FROM jobs WHERE worker_id = ? AND state = 'running'"
-                " AND cancel_requested = 1", (worker_id,))}
             c.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (now, worker_id))
-        return Beat(frozenset(lost), frozenset(cancel))
+        return Beat(frozenset(lost), self.cancel_requests(worker_id))
+
+    def cancel_requests(self, worker_id: str) -> frozenset[int]:
+        return frozenset(k for (k,) in self._db.execute(
+            "SELECT id FROM jobs WHERE state = 'running' AND cancel_requested = 1"
+            " AND worker_id = ?", (worker_id,)))
 
     def finish(self, worker_id: str, outcomes: Sequence[Outcome]) -> list[int]:
         now = self.clock()
@@ -481,7 +483,7 @@ class SQLiteStore(Store):
             " reason, peak_rss, log FROM attempts WHERE job_id = ? ORDER BY number", (job_key,))]
 
     def events(self, run_id: str | None = None, job_key: int | None = None) -> list[Event]:
-        where, args = "", []
+        where, args = "", list[Any]()
         if job_key is not None:
             where, args = " WHERE job_id = ?", [job_key]
         elif run_id is not None:
@@ -526,7 +528,7 @@ class SQLiteStore(Store):
 
     def cancel(self, run_id: str, job_key: int | None = None) -> tuple[int, int]:
         now = self.clock()
-        where, args = "run_id = ?", [run_id]
+        where, args = "run_id = ?", list[Any]([run_id])
         if job_key is not None:
             where += " AND id = ?"
             args.append(job_key)

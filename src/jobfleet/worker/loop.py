@@ -19,8 +19,11 @@ from jobfleet.worker.outputs import missing_outputs, outputs_done
 
 log = logging.getLogger("jobfleet.worker")
 
-#: the slowest the loop polls an empty queue
+#: the fastest and slowest the loop polls an empty queue, seconds
+_MIN_IDLE_POLL = 0.01
 _MAX_IDLE_POLL = 0.5
+#: how often a busy worker looks for cancel requests between heartbeats, seconds
+_CANCEL_CHECK = 1.0
 #: a worker started for a run gives up if the run is not stored within this many seconds
 _RUN_APPEARS_WITHIN = 60.0
 
@@ -59,6 +62,28 @@ class _Running:
 
 
 @dataclass(slots=True)
+class _Timers:
+    """When the loop next heartbeats, looks for cancels and polls an empty queue."""
+
+    born: float
+    beat_every: float
+    next_lease: float = 0.0
+    idle_poll: float = _MIN_IDLE_POLL
+    idle_since: float = 0.0
+    next_beat: float = 0.0
+    next_cancel_check: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.idle_since = self.born
+        self.next_beat = self.next_cancel_check = self.born + self.beat_every
+
+    def leased(self, now: float, got: int) -> None:
+        """Poll again at once after a lease that found work; back off while there is none."""
+        self.idle_poll = _MIN_IDLE_POLL if got else min(_MAX_IDLE_POLL, self.idle_poll * 2)
+        self.next_lease = now if got else now + self.idle_poll
+
+
+@dataclass(slots=True)
 class _Stats:
     done: int = 0
     leased: int = 0
@@ -80,9 +105,9 @@ class Worker:
         self.draining = False
         self._drain_deadline = 0.0
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._base_env = dict(os.environ)
+        # encoded once: posix_spawn takes bytes without converting every variable per job
+        self._base_env = {os.fsencode(k): os.fsencode(v) for k, v in os.environ.items()}
         self._cwd = os.getcwd()
-        self._born = time.monotonic()
 
     # -- lifecycle --------------------------------------------------------------------------
     def stop(self) -> None:
@@ -125,12 +150,7 @@ class Worker:
         return self.stats
 
     def _loop(self) -> None:
-        o = self.opts
-        heartbeat_every = max(0.05, o.lease_seconds / 3)
-        next_beat = time.monotonic() + heartbeat_every
-        idle_since = time.monotonic()
-        idle_poll = 0.01
-        next_lease = 0.0
+        o, t = self.opts, _Timers(time.monotonic(), max(0.05, self.opts.lease_seconds / 3))
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
         while True:
@@ -141,58 +161,63 @@ class Worker:
                 if now >= self._drain_deadline:
                     for r in self.running.values():
                         self._kill(r, "drain", now)
-            elif now >= next_lease and not self._quota_reached():
-                got = self._lease_and_start(poller)
-                if got:
-                    idle_poll = 0.01
-                    next_lease = now
-                else:
-                    idle_poll = min(_MAX_IDLE_POLL, idle_poll * 2)
-                    next_lease = now + idle_poll
+            elif now >= t.next_lease and not self._quota_reached():
+                t.leased(now, self._lease_and_start(poller))
             if self.running:
-                idle_since = now
-            elif self._quota_reached() or self._run_over(now - self._born):
+                t.idle_since = now
+            elif self._quota_reached() or self._run_over(now - t.born):
                 return
-            elif o.idle_exit is not None and now - idle_since >= o.idle_exit:
-                if self._work_due():  # a retry is on its way: waiting for it is not idleness
-                    idle_since = now
-                else:
+            elif o.idle_exit is not None and now - t.idle_since >= o.idle_exit:
+                if not self._work_due():
                     log.info("worker %s idle for %gs, exiting", self.id, o.idle_exit)
                     return
-            # how long may we sleep?
-            wake = [next_beat]
-            if not self.draining and len(self.running) < o.slots:
-                wake.append(next_lease)
-            if self.draining:
-                wake.append(self._drain_deadline)
-            for r in self.running.values():
-                if r.kill_at is not None:
-                    wake.append(r.kill_at)
-                elif r.deadline is not None:
-                    wake.append(r.deadline)
-            if o.idle_exit is not None and not self.running:
-                wake.append(idle_since + o.idle_exit)
-            timeout_ms = max(0, int((min(wake) - time.monotonic()) * 1000) + 1)
-            ready = poller.poll(timeout_ms)
-            outcomes = []
-            for fd, _ in ready:
-                if fd == self._wake_r:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._wake_r, 64)
-                    continue
-                poller.unregister(fd)
-                outcomes.append(self._reaped(self.running.pop(fd)))
+                t.idle_since = now  # a retry is on its way: waiting for it is not idleness
+            outcomes = self._wait(poller, self._next_wake(t))
             if outcomes:
                 if self.draining or self._quota_reached():
                     self._report(outcomes)
                 else:  # report and take the next jobs in one transaction
-                    self._lease_and_start(poller, outcomes)
-                    next_lease = time.monotonic()
+                    t.leased(time.monotonic(), self._lease_and_start(poller, outcomes))
             now = time.monotonic()
             self._enforce_limits(now)
-            if now >= next_beat:
+            if now >= t.next_beat:
                 self._heartbeat(now)
-                next_beat = now + heartbeat_every
+                t.next_beat = now + t.beat_every
+                t.next_cancel_check = now + _CANCEL_CHECK
+            elif self.running and now >= t.next_cancel_check:
+                self._cancel(self.store.cancel_requests(self.id), now)
+                t.next_cancel_check = now + _CANCEL_CHECK
+
+    def _next_wake(self, t: _Timers) -> float:
+        """The soonest moment something needs doing if no job ends before it."""
+        wake = [t.next_beat]
+        if self.running:
+            wake.append(t.next_cancel_check)
+        elif self.opts.idle_exit is not None:
+            wake.append(t.idle_since + self.opts.idle_exit)
+        if self.draining:
+            wake.append(self._drain_deadline)
+        elif len(self.running) < self.opts.slots:
+            wake.append(t.next_lease)
+        for r in self.running.values():
+            if r.kill_at is not None:
+                wake.append(r.kill_at)
+            elif r.deadline is not None:
+                wake.append(r.deadline)
+        return min(wake)
+
+    def _wait(self, poller: select.poll, until: float) -> list[Outcome]:
+        """Sleep until `until`, a job ends or a signal comes; the outcomes of ended jobs."""
+        timeout_ms = max(0, int((until - time.monotonic()) * 1000) + 1)
+        outcomes = []
+        for fd, _ in poller.poll(timeout_ms):
+            if fd == self._wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 64)
+                continue
+            poller.unregister(fd)
+            outcomes.append(self._reaped(self.running.pop(fd)))
+        return outcomes
 
     def _work_due(self) -> bool:
         """Is a job that this worker could take waiting out a retry backoff?"""
@@ -258,10 +283,11 @@ class Worker:
         if spec.skip_if_done and spec.outputs and outputs_done(spec.outputs, cwd, spec.min_size):
             return Outcome(lease.key, lease.token, "skipped", reason="outputs already exist")
         env = self._base_env.copy()
-        env.update(spec.env)
-        env["JOBFLEET_JOB_ID"] = lease.id
-        env["JOBFLEET_RUN_ID"] = lease.run_id
-        env["JOBFLEET_ATTEMPT"] = str(lease.attempt)
+        for k, v in spec.env.items():
+            env[os.fsencode(k)] = os.fsencode(v)
+        env[b"JOBFLEET_JOB_ID"] = lease.id.encode()
+        env[b"JOBFLEET_RUN_ID"] = lease.run_id.encode()
+        env[b"JOBFLEET_ATTEMPT"] = str(lease.attempt).encode()
         try:
             fd = self.blobs.open_log(key)
         except OSError as e:
@@ -337,7 +363,11 @@ class Worker:
         for r in self.running.values():
             if r.lease.key in beat.lost:
                 self._kill(r, "lost", now)
-            elif r.lease.key in beat.cancel:
+        self._cancel(beat.cancel, now)
+
+    def _cancel(self, keys: frozenset[int], now: float) -> None:
+        for r in self.running.values():
+            if r.lease.key in keys:
                 self._kill(r, "cancelled", now)
 
     def _release_all(self) -> None:
