@@ -112,11 +112,21 @@ class Jobfleet:
         return open_store(self.store_path)
 
     def cleanup(self) -> None:
+        """Kill what the test started and left running: commands, and the workers they spawned
+        (`jobfleet run` starts its workers in their own sessions)."""
         for p in self.procs:
             if p.poll() is None:
                 p.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.communicate(timeout=10)
+        if not self.store_path.exists():
+            return
+        with self.open_store() as db:
+            workers = [w for w in db.workers() if w.state in ("running", "draining")]
+        for w in workers:
+            with contextlib.suppress(OSError):
+                if b"jobfleet" in Path(f"/proc/{w.pid}/cmdline").read_bytes():
+                    os.kill(w.pid, signal.SIGKILL)
 
 
 @pytest.fixture

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-import subprocess
 import threading
 from pathlib import Path
 
 import pytest
+
 from conftest import Jobfleet, wait_for, write_csv
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled", "skipped")
@@ -109,8 +109,8 @@ def test_bad_row_refused_with_file_line_and_column(jf: Jobfleet, tmp_path: Path,
     rows[5][2] = "12XB"  # file line 7: the header is line 1
     write_csv(tmp_path / "jobs.csv", ["command", "n", "memory"], rows)
     p = jf(command, "jobs.csv", check=2)
-    assert "jobs.csv:7" in p.stderr, p.stderr
-    assert "memory" in p.stderr and "12XB" in p.stderr, p.stderr
+    assert "jobs.csv:7: column 'memory'" in p.stderr, p.stderr
+    assert "'12XB' is not a size" in p.stderr, p.stderr
     assert jf.json("runs") == before
     assert not list(tmp_path.glob("*.out")), "a job ran"
 
@@ -223,6 +223,15 @@ def test_ids_by_unique_prefix_and_clear_errors_for_others(jf: Jobfleet) -> None:
     assert "Traceback" not in p.stderr
 
 
+def test_cancel_after_the_end_leaves_a_finished_run_finished(jf: Jobfleet) -> None:
+    run = run_id_of(jf("run", "--each", "echo {}", "a", check=0).stdout)
+    p = jf("cancel", run, check=0)
+    assert "cancelled 0 queued jobs" in p.stdout and "stop 0 running" in p.stdout
+    status = jf.json("status", run)
+    assert status["counts"] == counts(succeeded=1)
+    assert status["state"] == "finished", status
+
+
 # --- 10. --each ---------------------------------------------------------------------------
 
 
@@ -272,7 +281,6 @@ def test_slots_bound_how_many_jobs_run_at_once(jf: Jobfleet, tmp_path: Path) -> 
     assert most == 2, spans
 
 
-def test_unknown_command_file_is_refused(jf: Jobfleet) -> None:
+def test_missing_job_file_is_refused(jf: Jobfleet) -> None:
     p = jf("run", "nope.csv", check=2)
-    assert "nope.csv" in p.stderr
-    assert isinstance(p, subprocess.CompletedProcess)
+    assert "no job file nope.csv" in p.stderr, p.stderr

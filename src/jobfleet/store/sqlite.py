@@ -316,9 +316,10 @@ class SQLiteStore(Store):
             self._settle(c, now, o.key, row, o.status, o.exit_code, o.signal, o.reason,
                          o.peak_rss, o.log, worker_id)
         if outcomes:
+            done = sum(o.status != "released" for o in outcomes) - len(stale)
             c.execute(
                 "UPDATE workers SET jobs_done = jobs_done + ?, heartbeat_at = ? WHERE id = ?",
-                (len(outcomes) - len(stale), now, worker_id),
+                (done, now, worker_id),
             )
         return stale
 
@@ -542,7 +543,7 @@ class SQLiteStore(Store):
                 f"UPDATE jobs SET cancel_requested = 1 WHERE {where} AND state = '{RUNNING}'",
                 args,
             ).rowcount
-            if job_key is None:
+            if job_key is None and done + asked:
                 c.execute("UPDATE runs SET cancelled = 1 WHERE id = ?", (run_id,))
             self._event(c, now, "cancel", run_id, job_key, cancelled=done, asked=asked)
         return done, asked

@@ -72,6 +72,7 @@ class _Timers:
     idle_since: float = 0.0
     next_beat: float = 0.0
     next_cancel_check: float = 0.0
+    drain_recorded: bool = False
 
     def __post_init__(self) -> None:
         self.idle_since = self.born
@@ -156,6 +157,9 @@ class Worker:
         while True:
             now = time.monotonic()
             if self.draining:
+                if not t.drain_recorded:
+                    self.store.set_worker_state(self.id, "draining")
+                    t.drain_recorded = True
                 if not self.running:
                     return
                 if now >= self._drain_deadline:
@@ -352,7 +356,7 @@ class Worker:
         self._counted(outcomes, self.store.finish(self.id, outcomes))
 
     def _counted(self, outcomes: list[Outcome], stale: list[int]) -> None:
-        self.stats.done += len(outcomes) - len(stale)
+        self.stats.done += sum(o.status != "released" and o.key not in stale for o in outcomes)
         for key in stale:
             log.warning("job %s: result not recorded, the lease was lost", key,
                         extra={"action": "stale_result"})

@@ -1,0 +1,89 @@
+"""The overhead benchmark runs end to end on a few jobs; speed is the benchmark's job, not ours."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "overhead.py"
+
+pytestmark = pytest.mark.slow
+
+
+def bench(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=110, stdin=subprocess.DEVNULL)
+
+
+def test_smoke_run_writes_timings_for_jobfleet_and_its_peers(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    # in CI a missing GNU parallel is a failure, on a laptop it is skipped (and said so)
+    extra = ["--require-parallel"] if os.environ.get("CI") else []
+    p = bench("--jobs", "40", "--repeat", "1", "--json", str(out), *extra)
+    assert p.returncode == 0, f"stdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+    report: dict[str, Any] = json.loads(out.read_text())
+    assert set(report["results"]) == {"true", "sleep"}
+    expected = {"jobfleet", "xargs"} | ({"parallel"} if "skipped" not in report["tools"]["parallel"]
+                                        else set())
+    for workload, result in report["results"].items():
+        assert set(result["tools"]) == expected, workload
+        for name, entry in result["tools"].items():
+            assert len(entry["seconds"]) == 1 and entry["seconds"][0] > 0, (workload, name)
+            assert entry["median"] > 0 and entry["jobs_per_second"] > 0, (workload, name)
+        assert set(result["tools"]["jobfleet"]["phase_medians"]) >= {"startup", "jobs", "teardown"}
+        assert set(result["ratios"]) == {f"{n}/jobfleet" for n in expected - {"jobfleet"}}
+    assert report["machine"]["cpu_count"] >= 1
+    assert report["tools"]["jobfleet"]["version"]
+    assert "parallel/jobfleet" in p.stdout or "skipping parallel" in p.stdout
+
+
+def _path_without_parallel(tmp_path: Path) -> dict[str, str]:
+    """An environment whose PATH has xargs and sh but no GNU parallel."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("xargs", "sh"):
+        found = shutil.which(tool)
+        assert found, f"{tool} is needed for this test"
+        (bin_dir / tool).symlink_to(found)
+    return {**os.environ, "PATH": str(bin_dir)}
+
+
+def test_missing_parallel_is_skipped_unless_required(tmp_path: Path) -> None:
+    env = _path_without_parallel(tmp_path)
+    out = tmp_path / "overhead.json"
+    args = ["--jobs", "5", "--repeat", "1", "--workloads", "true", "--json", str(out)]
+
+    required = bench(*args, "--require-parallel", env=env)
+    assert required.returncode == 2, required.stdout + required.stderr
+    assert "--require-parallel" in required.stderr and "parallel" in required.stderr
+    assert not out.exists()
+
+    # skipped: the run goes on, but a ratio against parallel cannot be checked
+    checked = bench(*args, "--check-ratio", "4", env=env)
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert "skipping parallel" in checked.stdout
+    assert "parallel was skipped" in checked.stderr
+    report = json.loads(out.read_text())
+    assert "skipped" in report["tools"]["parallel"]
+    assert set(report["results"]["true"]["tools"]) == {"jobfleet", "xargs"}
+    assert report["check"]["passed"] is False
+
+
+def test_a_jobfleet_run_that_did_not_do_the_work_stops_the_benchmark(tmp_path: Path) -> None:
+    fake = tmp_path / "jobfleet"
+    fake.write_text("#!/bin/sh\nexit 0\n")  # "succeeds" instantly, runs nothing
+    fake.chmod(0o755)
+    out = tmp_path / "overhead.json"
+    p = bench("--jobs", "5", "--repeat", "1", "--workloads", "true", "--json", str(out),
+              "--jobfleet", str(fake))
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "no store" in p.stderr
+    assert not out.exists()
