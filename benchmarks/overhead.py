@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-WORKLOADS = {"true": "true", "sleep": "sleep 0.01"}
+WORKLOADS = {"true": "true", "sleep": "sleep 0.01", "echo": "echo jobfleet-bench"}
+#: what a workload prints: every attempt's log must hold exactly this (none: no log file)
+OUTPUT = {"echo": b"jobfleet-bench\n"}
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "overhead.json"
 SUBJECT = "jobfleet"
 #: the peer and workload the project's target is stated against
@@ -183,19 +185,21 @@ def run_peer(tool: Tool, cmds: Path, slots: int, timeout: float) -> Sample:
     return Sample(t.seconds, t.cpu)
 
 
-def run_jobfleet(tool: Tool, command: str, n: int, slots: int, scratch: Path, timeout: float) -> Sample:
+def run_jobfleet(tool: Tool, workload: str, n: int, slots: int, scratch: Path, timeout: float
+                 ) -> Sample:
     """One `jobfleet run` in a fresh folder (empty store), verified, then the folder removed."""
     assert tool.exe is not None
     folder = Path(tempfile.mkdtemp(prefix="jobfleet-", dir=scratch))
     try:
         with open(folder / "jobs.csv", "w") as f:
-            f.write("command\n" + f"{command}\n" * n)
+            f.write("command\n" + f"{WORKLOADS[workload]}\n" * n)
         store, blobs = folder / "store" / "jobfleet.db", folder / "store" / "blobs"
         argv = argv_of(tool, slots, str(store), str(blobs))
         t = timed(argv, cwd=folder, stdin=None, timeout=timeout,
                   on_timeout=lambda: kill_workers(store))
         return Sample(t.seconds, t.cpu,
-                      verify_jobfleet(store, blobs, n, t.launched, t.launched + t.seconds))
+                      verify_jobfleet(store, blobs, n, t.launched, t.launched + t.seconds,
+                                      workload))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -213,9 +217,9 @@ def kill_workers(store: Path) -> None:
                     os.kill(w.pid, signal.SIGKILL)
 
 
-def verify_jobfleet(store: Path, blobs: Path, n: int, launched: float, exited: float
-                    ) -> dict[str, float]:
-    """Check what the timing claims (n jobs, each run once, exit code 0, a log each) and
+def verify_jobfleet(store: Path, blobs: Path, n: int, launched: float, exited: float,
+                    workload: str) -> dict[str, float]:
+    """Check what the timing claims (n jobs, each run once, exit code 0, its output logged) and
     return where the wall time went, from the instants the store recorded."""
     from jobfleet.blobs import log_key
     from jobfleet.store import open_store
@@ -244,10 +248,17 @@ def verify_jobfleet(store: Path, blobs: Path, n: int, launched: float, exited: f
         j = bad[0]
         raise fail(f"{len(bad)} jobs not succeeded once with exit code 0, e.g. {j.id}: "
                    f"state {j.state}, exit code {j.exit_code}, attempts {j.attempts}")
-    missing = [j.id for j in jobs if not (blobs / log_key(run.id, j.seq, 1)).is_file()]
-    if missing:
-        raise fail(f"{len(missing)} jobs have no log file, e.g. {missing[0]} "
-                   f"(expected {blobs / log_key(run.id, 1, 1)})")
+    # a job that prints nothing leaves no log file; one that prints has exactly its output
+    expected = OUTPUT.get(workload)
+    with open_store(store) as db:
+        for j in jobs:
+            (attempt,) = db.attempts(j.key)
+            path = blobs / log_key(run.id, j.seq, 1)
+            if expected is None and (attempt.log is not None or path.exists()):
+                raise fail(f"job {j.id} printed nothing but has a log {path}")
+            if expected is not None and (attempt.log is None or not path.is_file()
+                                         or path.read_bytes() != expected):
+                raise fail(f"job {j.id}: log {path} missing or not {expected!r}")
     first = min(j.started_at for j in jobs if j.started_at is not None)
     last = max(j.finished_at for j in jobs if j.finished_at is not None)
     phases = {"startup": first - launched, "jobs": last - first, "teardown": exited - last,
@@ -376,7 +387,7 @@ def benchmark(a: argparse.Namespace) -> dict[str, Any]:
             for rep in range(1, a.repeat + 1):
                 for t in active:
                     if t.name == SUBJECT:
-                        s = run_jobfleet(t, command, a.jobs, a.slots, scratch, a.timeout)
+                        s = run_jobfleet(t, workload, a.jobs, a.slots, scratch, a.timeout)
                     else:
                         s = run_peer(t, cmds, a.slots, a.timeout)
                     samples[t.name].append(s)

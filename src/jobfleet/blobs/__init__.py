@@ -41,11 +41,14 @@ class Blobs:
         """The file behind `key` when the blob store is a local folder, else None."""
         return None if self.root is None else self.root / key
 
-    def open_log(self, key: str) -> int:
-        """A file descriptor a job can write its output to directly (local folders only)."""
+    def log_writer(self, key: str) -> LogWriter:
+        """Where one attempt's output goes; nothing is created until the first byte arrives."""
         if self.root is None:
             raise ConfigError(f"streaming logs to {self.url} is not supported yet",
                               hint="use a local folder for --blobs")
+        return LogWriter(self, key)
+
+    def _create(self, key: str) -> int:
         path = os.path.join(self._root_text, key)
         parent = os.path.dirname(path)
         if parent not in self._made:
@@ -79,3 +82,31 @@ class Blobs:
     def exists(self, key: str) -> bool:
         path = self.local_path(key)
         return path.exists() if path is not None else bool(self._fs.exists(f"{self._prefix}/{key}"))
+
+
+class LogWriter:
+    """Appends one attempt's output to its log, creating the file on the first write.
+
+    An attempt that prints nothing leaves no file (and costs no file creation, which on
+    some filesystems is the most expensive step of a short job).
+    """
+
+    __slots__ = ("_blobs", "_fd", "key", "written")
+
+    def __init__(self, blobs: Blobs, key: str) -> None:
+        self._blobs, self.key = blobs, key
+        self._fd = -1
+        self.written = False
+
+    def write(self, data: bytes) -> None:
+        if self._fd < 0:
+            self._fd = self._blobs._create(self.key)
+            self.written = True
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

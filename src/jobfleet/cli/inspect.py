@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from jobfleet.blobs import log_key
-from jobfleet.cli.app import BlobsOpt, JsonOpt, StoreOpt, app, connect, out, settings
+from jobfleet.cli.app import BlobsOpt, JsonOpt, StoreOpt, app, connect, err, out, settings
 from jobfleet.cli.fmt import (
     STATE_STYLE,
     ago,
@@ -133,6 +133,8 @@ def logs(
             sys.stdout.buffer.flush()
             offset += len(data)
         if not follow:
+            if not offset:
+                err.print(f"[dim](attempt {n} of {j.id} has printed nothing)[/]")
             return
         attempts = db.attempts(j.key)
         if len(attempts) >= n and attempts[n - 1].state != "running":

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import secrets
+import signal
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from jobfleet.cli.app import BlobsOpt, JsonOpt, StoreOpt, app, connect, out, settings
+from jobfleet.cli.app import BlobsOpt, JsonOpt, StoreOpt, app, connect, err, out, settings
 from jobfleet.cli.fmt import dumps
 from jobfleet.errors import SpecError
 from jobfleet.spec import JobSpec
@@ -82,25 +83,34 @@ def run(
     blobs: BlobsOpt = None,
 ) -> None:
     """Run every job on this machine with a live progress bar; exit 1 if any job failed."""
-    from jobfleet.cli.watch import watch_run
-    from jobfleet.local import start_worker
-    from jobfleet.worker import WorkerOptions
+    from jobfleet.cli.watch import ProgressView, summary
+    from jobfleet.worker import Worker, WorkerOptions
 
+    jobs, source = load_jobs(args, each)
     s = settings(store, blobs, slots=slots, lease_seconds=lease_seconds)
-    run_id = secrets.token_hex(4)
-    options = WorkerOptions(
+    db, blob_store = connect(s)
+    run_id = db.submit(NewRun(name=name, source=source, workdir=os.getcwd()), jobs)
+    total = len(jobs)
+    del jobs
+    # the worker runs here, in this process: no second interpreter to start
+    worker = Worker(db, blob_store, WorkerOptions(
         slots=s.slots, lease_seconds=s.lease_seconds, run_id=run_id, until_done=True,
-        drain_seconds=s.drain_seconds, kill_grace=s.kill_grace, worker_id=f"w{run_id[:4]}-1")
-    # the worker starts up while we read and store the jobs: it waits for the run to appear
-    workers = [start_worker(s, options)]
-    try:
-        jobs, source = load_jobs(args, each)
-        db, blob_store = connect(s)
-        db.submit(NewRun(name=name, source=source, workdir=os.getcwd(), id=run_id), jobs)
-    except BaseException:
-        for w in workers:
-            w.proc.kill()
-            w.proc.wait()
-        raise
-    code = watch_run(db, blob_store, run_id, workers, s, options)
+        drain_seconds=s.drain_seconds, kill_grace=s.kill_grace, worker_id=f"w{run_id[:4]}-1"))
+    stopped = False
+
+    def interrupted(signum: int, frame: object) -> None:
+        nonlocal stopped
+        stopped = True
+        worker.stop(now=signum == signal.SIGINT)
+
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
+    out.print(f"run [bold]{run_id}[/]: {total} jobs, {s.slots} slots  [dim](store {db.url})[/]")
+    with ProgressView(db.url, run_id, total) as view:
+        worker.run(handle_signals=False)
+    code = summary(db, blob_store, run_id, time.monotonic() - view.started)
+    if stopped:
+        err.print(f"stopped: running jobs went back to the queue. Resume with "
+                  f"`jobfleet worker --run {run_id}`, or `jobfleet cancel {run_id}`.")
+        code = 130
     raise typer.Exit(code)

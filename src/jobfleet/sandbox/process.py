@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import threading
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-_SHELL = "/bin/sh"
+from jobfleet.sandbox.spawn import spawn
+
+_SHELL = b"/bin/sh"
 
 
 @dataclass(slots=True)
@@ -18,6 +19,7 @@ class Child:
 
     pid: int
     pidfd: int
+    out: int  # read end of the pipe that carries the attempt's stdout and stderr
 
     def signal_group(self, sig: int) -> None:
         """Send `sig` to every process of the attempt's group (the leader's pid is the pgid)."""
@@ -41,31 +43,21 @@ class Child:
 class ProcessSandbox:
     """Start attempts as plain processes on this machine, each in a new session.
 
-    posix_spawn cannot set the child's working directory in Python 3.11, so the sandbox
-    changes the worker's own directory before spawning. That is only safe where the worker
-    owns its process, so off the main thread a lock serialises it and the directory is
-    restored afterwards.
+    `start` is safe to call from several threads at once; it holds no lock and does not
+    change the worker's own working directory.
     """
 
     name = "process"
 
-    def __init__(self) -> None:
-        self._origin = self._cwd = os.getcwd()
-        self._lock = threading.Lock()
-        self._stdin = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
-
-    def start(self, command: str, *, cwd: str, env: Mapping[bytes, bytes], log_fd: int) -> Child:
-        actions = [*self._stdin, (os.POSIX_SPAWN_DUP2, log_fd, 1), (os.POSIX_SPAWN_DUP2, log_fd, 2)]
-        argv = [_SHELL, "-c", command]
-        main = threading.current_thread() is threading.main_thread()
-        with self._lock:
-            if cwd != self._cwd:
-                os.chdir(cwd)
-                self._cwd = cwd
-            try:
-                pid = os.posix_spawn(_SHELL, argv, env, file_actions=actions, setsid=True)
-            finally:
-                if not main:
-                    os.chdir(self._origin)
-                    self._cwd = self._origin
-        return Child(pid, os.pidfd_open(pid))
+    def start(self, command: str, *, cwd: str, env: Sequence[bytes]) -> Child:
+        """Start `command`; its output goes to a pipe whose read end is `Child.out`."""
+        read, write = os.pipe2(os.O_CLOEXEC)
+        try:
+            pid = spawn([_SHELL, b"-c", command.encode()], env, os.fsencode(cwd), write)
+        except BaseException:
+            os.close(read)
+            raise
+        finally:
+            os.close(write)
+        os.set_blocking(read, False)
+        return Child(pid, os.pidfd_open(pid), read)

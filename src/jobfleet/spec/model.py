@@ -6,7 +6,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from jobfleet.errors import SpecError
@@ -44,8 +44,13 @@ class JobSpec:
     params: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        d = asdict(self)
-        return json.dumps({k: v for k, v in d.items() if v != _DEFAULTS.get(k)})
+        """Compact JSON of the fields that differ from their defaults."""
+        d = {}
+        for name, default in _DEFAULTS.items():
+            value = getattr(self, name)
+            if value != default:
+                d[name] = dict(value) if isinstance(value, Mapping) else value
+        return json.dumps(d)
 
     @classmethod
     def from_json(cls, text: str) -> JobSpec:
@@ -57,7 +62,7 @@ class JobSpec:
 
 
 _DEFAULTS: dict[str, Any] = {
-    "name": None, "cpus": 1.0, "memory": 0, "gpus": 0, "timeout": None, "max_attempts": 3,
+    "command": None, "name": None, "cpus": 1.0, "memory": 0, "gpus": 0, "timeout": None, "max_attempts": 3,
     "workdir": None, "outputs": (), "skip_if_done": False, "min_size": 0,
     "instance_type": None, "retry_on": (), "retry_delay": 1.0, "env": {}, "params": {},
 }

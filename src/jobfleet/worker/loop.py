@@ -12,7 +12,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from jobfleet.blobs import Blobs, log_key
+from jobfleet.blobs import Blobs, LogWriter, log_key
 from jobfleet.sandbox import Child, ProcessSandbox
 from jobfleet.store import Capacity, Lease, Outcome, Store, WorkerInfo
 from jobfleet.worker.outputs import missing_outputs, outputs_done
@@ -22,6 +22,10 @@ log = logging.getLogger("jobfleet.worker")
 #: the fastest and slowest the loop polls an empty queue, seconds
 _MIN_IDLE_POLL = 0.01
 _MAX_IDLE_POLL = 0.5
+#: variables every attempt gets, describing itself
+_JOB_VARIABLES = frozenset({"JOBFLEET_JOB_ID", "JOBFLEET_RUN_ID", "JOBFLEET_ATTEMPT"})
+#: bytes read from a job's output pipe at a time
+_CHUNK = 65536
 #: how often a busy worker looks for cancel requests between heartbeats, seconds
 _CANCEL_CHECK = 1.0
 #: a worker started for a run gives up if the run is not stored within this many seconds
@@ -53,9 +57,8 @@ def machine_memory() -> int:
 @dataclass(slots=True)
 class _Running:
     lease: Lease
+    log: LogWriter
     child: Child
-    log: str
-    started: float
     deadline: float | None
     stopping: str | None = None  # why we are killing it: timeout, cancelled, lost, drain
     kill_at: float | None = None
@@ -102,45 +105,48 @@ class Worker:
         self.memory = o.memory if o.memory is not None else machine_memory()
         self.sandbox = ProcessSandbox()
         self.running: dict[int, _Running] = {}  # by pidfd
+        self._pipes: dict[int, _Running] = {}  # by the read end of their output pipe
+        self._poller = select.poll()
         self.stats = _Stats()
         self.draining = False
         self._drain_deadline = 0.0
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        # encoded once: posix_spawn takes bytes without converting every variable per job
-        self._base_env = {os.fsencode(k): os.fsencode(v) for k, v in os.environ.items()}
+        # encoded once, not per job; the JOBFLEET_* job variables are added per attempt
+        self._base_env = {os.fsencode(k): os.fsencode(v) for k, v in os.environ.items()
+                          if k not in _JOB_VARIABLES}
+        self._base_env_list = [k + b"=" + v for k, v in self._base_env.items()]
         self._cwd = os.getcwd()
 
     # -- lifecycle --------------------------------------------------------------------------
-    def stop(self) -> None:
+    def stop(self, *, now: bool = False) -> None:
         """Drain: take no new jobs; running ones get `drain_seconds`, then are released.
 
-        A second call releases them at once.
+        A second call, or `now`, releases them at once.
         """
-        now = time.monotonic()
-        if self.draining:
-            self._drain_deadline = now
+        at = time.monotonic()
+        if self.draining or now:
+            self.draining = True
+            self._drain_deadline = at
         else:
             self.draining = True
-            self._drain_deadline = now + self.opts.drain_seconds
+            self._drain_deadline = at + self.opts.drain_seconds
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"x")
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop()
 
-    def run(self) -> _Stats:
-        """The loop. Installs SIGTERM/SIGINT handlers when called from the main thread."""
+    def run(self, *, handle_signals: bool = True) -> _Stats:
+        """The loop. With `handle_signals` (main thread only), SIGTERM and SIGINT drain it."""
         o = self.opts
         now = time.time()
         self.store.register_worker(WorkerInfo(
             self.id, socket.gethostname(), os.getpid(), o.slots, self.cpus, self.memory, o.gpus,
             o.lease_seconds, o.run_id, "running", now, now, 0))
         log.info("worker %s started", self.id, extra={"action": "worker_started"})
-        try:
+        if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
-        except ValueError:  # not the main thread: the caller stops us with stop()
-            pass
         try:
             self._loop()
         finally:
@@ -152,7 +158,7 @@ class Worker:
 
     def _loop(self) -> None:
         o, t = self.opts, _Timers(time.monotonic(), max(0.05, self.opts.lease_seconds / 3))
-        poller = select.poll()
+        poller = self._poller
         poller.register(self._wake_r, select.POLLIN)
         while True:
             now = time.monotonic()
@@ -166,7 +172,7 @@ class Worker:
                     for r in self.running.values():
                         self._kill(r, "drain", now)
             elif now >= t.next_lease and not self._quota_reached():
-                t.leased(now, self._lease_and_start(poller))
+                t.leased(now, self._lease_and_start())
             if self.running:
                 t.idle_since = now
             elif self._quota_reached() or self._run_over(now - t.born):
@@ -181,7 +187,7 @@ class Worker:
                 if self.draining or self._quota_reached():
                     self._report(outcomes)
                 else:  # report and take the next jobs in one transaction
-                    t.leased(time.monotonic(), self._lease_and_start(poller, outcomes))
+                    t.leased(time.monotonic(), self._lease_and_start(outcomes))
             now = time.monotonic()
             self._enforce_limits(now)
             if now >= t.next_beat:
@@ -211,17 +217,42 @@ class Worker:
         return min(wake)
 
     def _wait(self, poller: select.poll, until: float) -> list[Outcome]:
-        """Sleep until `until`, a job ends or a signal comes; the outcomes of ended jobs."""
+        """Sleep until `until`, a job ends or a signal comes; copy output to logs meanwhile.
+
+        Returns the outcomes of the jobs that ended.
+        """
         timeout_ms = max(0, int((until - time.monotonic()) * 1000) + 1)
         outcomes = []
         for fd, _ in poller.poll(timeout_ms):
             if fd == self._wake_r:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 64)
-                continue
-            poller.unregister(fd)
-            outcomes.append(self._reaped(self.running.pop(fd)))
+            elif fd in self._pipes:
+                self._copy_output(self._pipes[fd])
+            elif fd in self.running:
+                poller.unregister(fd)
+                outcomes.append(self._reaped(self.running.pop(fd)))
         return outcomes
+
+    def _copy_output(self, r: _Running, *, final: bool = False) -> None:
+        """Move what the job printed from its pipe to its log; at EOF (or `final`) close it."""
+        fd = r.child.out
+        if self._pipes.get(fd) is not r:  # closed already (its number may be reused since)
+            return
+        while True:
+            try:
+                data = os.read(fd, _CHUNK)
+            except BlockingIOError:
+                if not final:
+                    return
+                data = b""  # whatever still holds the pipe open is not waited for
+            if not data:
+                self._poller.unregister(fd)
+                del self._pipes[fd]
+                os.close(fd)
+                r.log.close()
+                return
+            r.log.write(data)
 
     def _work_due(self) -> bool:
         """Is a job that this worker could take waiting out a retry backoff?"""
@@ -251,7 +282,7 @@ class Worker:
             slots = min(slots, o.max_jobs - self.stats.leased)
         return Capacity(slots, cpus, memory, gpus)
 
-    def _lease_and_start(self, poller: select.poll, done: list[Outcome] | None = None) -> int:
+    def _lease_and_start(self, done: list[Outcome] | None = None) -> int:
         """Report `done` and lease what fits in the free slots; start those jobs."""
         free = self._free()
         if done:
@@ -270,7 +301,6 @@ class Worker:
                 early.append(started)
             else:
                 self.running[started.child.pidfd] = started
-                poller.register(started.child.pidfd, select.POLLIN)
         if early:
             self._report(early)
         return len(leases)
@@ -286,30 +316,26 @@ class Worker:
         cwd = self._workdir(lease)
         if spec.skip_if_done and spec.outputs and outputs_done(spec.outputs, cwd, spec.min_size):
             return Outcome(lease.key, lease.token, "skipped", reason="outputs already exist")
-        env = self._base_env.copy()
-        for k, v in spec.env.items():
-            env[os.fsencode(k)] = os.fsencode(v)
-        env[b"JOBFLEET_JOB_ID"] = lease.id.encode()
-        env[b"JOBFLEET_RUN_ID"] = lease.run_id.encode()
-        env[b"JOBFLEET_ATTEMPT"] = str(lease.attempt).encode()
+        env = self._base_env_list
+        if spec.env:
+            merged = self._base_env | {os.fsencode(k): os.fsencode(v) for k, v in spec.env.items()}
+            env = [k + b"=" + v for k, v in merged.items()]
+        env = [*env, b"JOBFLEET_JOB_ID=" + lease.id.encode(),
+               b"JOBFLEET_RUN_ID=" + lease.run_id.encode(),
+               b"JOBFLEET_ATTEMPT=%d" % lease.attempt]
         try:
-            fd = self.blobs.open_log(key)
-        except OSError as e:
-            return Outcome(lease.key, lease.token, "failed",
-                           reason=f"cannot write the log {key}: {e.strerror}")
-        try:
-            child = self.sandbox.start(spec.command, cwd=cwd, env=env, log_fd=fd)
+            child = self.sandbox.start(spec.command, cwd=cwd, env=env)
         except FileNotFoundError:
-            return Outcome(lease.key, lease.token, "failed", log=key,
+            return Outcome(lease.key, lease.token, "failed",
                            reason=f"workdir {cwd} does not exist on {socket.gethostname()}")
         except OSError as e:
-            return Outcome(lease.key, lease.token, "failed", log=key,
-                           reason=f"could not start the job: {e}")
-        finally:
-            os.close(fd)
-        now = time.monotonic()
-        deadline = now + spec.timeout if spec.timeout else None
-        return _Running(lease, child, key, now, deadline)
+            return Outcome(lease.key, lease.token, "failed", reason=f"could not start the job: {e}")
+        deadline = time.monotonic() + spec.timeout if spec.timeout else None
+        r = _Running(lease, self.blobs.log_writer(key), child, deadline)
+        self._pipes[child.out] = r
+        self._poller.register(child.pidfd, select.POLLIN)
+        self._poller.register(child.out, select.POLLIN)
+        return r
 
     # -- stopping ---------------------------------------------------------------------------
     def _kill(self, r: _Running, why: str, now: float) -> None:
@@ -330,6 +356,7 @@ class Worker:
 
     def _reaped(self, r: _Running) -> Outcome:
         code, sig, peak = r.child.reap()
+        self._copy_output(r, final=True)
         lease, spec = r.lease, r.lease.spec
         reason = None
         if r.stopping == "timeout":
@@ -350,7 +377,7 @@ class Worker:
             reason = f"exit code {code}" if sig is None else f"killed by signal {sig}"
         self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
         return Outcome(lease.key, lease.token, status, exit_code=code, signal=sig, reason=reason,
-                       peak_rss=peak, log=r.log)
+                       peak_rss=peak, log=r.log.key if r.log.written else None)
 
     def _report(self, outcomes: list[Outcome]) -> None:
         self._counted(outcomes, self.store.finish(self.id, outcomes))
