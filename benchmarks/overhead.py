@@ -12,6 +12,7 @@ machine hits all of them alike, and the table reports medians. See benchmarks/RE
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import json
 import os
@@ -98,8 +99,13 @@ def find_jobfleet(given: str | None) -> Tool:
     if exe is None:
         raise BenchmarkError("no `jobfleet` command next to this Python or on PATH; "
                              "install the project (pip install -e .) or pass --jobfleet PATH")
+    package = Path(jobfleet.__file__).parent
+    # An installed package has its bytecode; an editable one under PYTHONDONTWRITEBYTECODE
+    # (set on this machine) would compile every module on every start. Compile once, as
+    # `pip install` does.
+    compileall.compile_dir(package, quiet=1)
     return Tool(SUBJECT, exe, version=jobfleet.__version__,
-                details={"python": sys.executable, "module": str(Path(jobfleet.__file__).parent)})
+                details={"python": sys.executable, "module": str(package)})
 
 
 def find_parallel(require: bool) -> Tool:
