@@ -78,8 +78,9 @@ def summary(db: Store, blobs: Blobs, run_id: str, elapsed: float | None = None) 
     counts = db.counts(run_id)
     took = f" in {duration(elapsed)}" if elapsed is not None else ""
     left = counts["queued"] + counts["running"]
-    verb = "finished" if not left else f"stopped with {left} jobs left"
-    out.print(f"run [bold]{run_id}[/] {verb}{took}: {counts_text(counts)}")
+    verb = "finished" if not left else "stopped"
+    rest = f" with {left} jobs left" if left else ""
+    out.print(f"run [bold]{run_id}[/] {verb}{took}{rest}: {counts_text(counts)}")
     if counts["failed"]:
         failed = db.jobs(run_id, "failed", limit=SHOW_FAILURES)
         out.print(f"\n[red]failed jobs ({counts['failed']}):[/]")
