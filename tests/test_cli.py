@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 import threading
 from pathlib import Path
 
@@ -284,3 +285,25 @@ def test_slots_bound_how_many_jobs_run_at_once(jf: Jobfleet, tmp_path: Path) -> 
 def test_missing_job_file_is_refused(jf: Jobfleet) -> None:
     p = jf("run", "nope.csv", check=2)
     assert "no job file nope.csv" in p.stderr, p.stderr
+
+
+# --- what each attempt measured -----------------------------------------------------------
+
+
+def test_duration_and_peak_memory_are_recorded(jf: Jobfleet) -> None:
+    big = f"{sys.executable} -c 'x = bytearray(300 * 2**20); x[::4096] = b\"x\" * len(x[::4096])'"
+    run = run_id_of(jf("run", "--each", "sh -c {}", big, "sleep 0.3", check=0).stdout)
+    jobs = jf.jobs(run)
+    hungry, sleepy = jobs[f"{run}-1"], jobs[f"{run}-2"]
+    assert hungry["peak_rss"] >= 300 * 2**20
+    # too small to tell apart from the worker's own size: not made up, just unknown
+    assert sleepy["peak_rss"] is None
+    took = _seconds(sleepy["finished_at"]) - _seconds(sleepy["started_at"])
+    assert 0 <= took <= 5
+    assert "MiB" in jf("jobs", run, check=0).stdout
+
+
+def _seconds(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso).timestamp()

@@ -37,6 +37,16 @@ def duration(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n}"
+
+
 def counts_text(counts: dict[str, int]) -> str:
     return "  ".join(f"[{STATE_STYLE[s]}]{counts[s]} {s}[/]" for s in STATES if counts.get(s))
 
@@ -61,7 +71,7 @@ def job_json(job: Job) -> dict[str, Any]:
         "job": job.id, "run": job.run_id, "seq": job.seq, "name": job.name, "state": job.state,
         "attempts": job.attempts, "max_attempts": job.max_attempts, "exit_code": job.exit_code,
         "signal": job.signal, "reason": job.reason, "started_at": iso(job.started_at),
-        "finished_at": iso(job.finished_at), "worker": job.worker_id,
+        "finished_at": iso(job.finished_at), "worker": job.worker_id, "peak_rss": job.peak_rss,
         "command": job.spec.command,
     }
 

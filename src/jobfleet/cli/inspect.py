@@ -21,6 +21,7 @@ from jobfleet.cli.fmt import (
     job_json,
     run_json,
     run_state,
+    size,
 )
 from jobfleet.errors import NotFound, SpecError
 from jobfleet.store import STATES, WorkerInfo
@@ -93,7 +94,7 @@ def jobs(
         out.print(f"no {state + ' ' if state else ''}jobs in run {run}")
         return
     table = Table(box=None)
-    for col in ("job", "name", "state", "tries", "exit", "took", "reason"):
+    for col in ("job", "name", "state", "tries", "exit", "took", "peak mem", "reason"):
         table.add_column(col)
     for j in found:
         took = (j.finished_at - j.started_at) if j.finished_at and j.started_at else None
@@ -101,7 +102,7 @@ def jobs(
             f"sig {j.signal}" if j.signal else "")
         table.add_row(j.id, j.name or "", f"[{STATE_STYLE[j.state]}]{j.state}[/]",
                       str(j.attempts), exit_text, duration(took) if took is not None else "",
-                      j.reason or "")
+                      size(j.peak_rss) if j.peak_rss else "", j.reason or "")
     out.print(table)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from jobfleet.sandbox.spawn import spawn
 
 _SHELL = b"/bin/sh"
+_SELF = resource.RUSAGE_SELF
 
 
 @dataclass(slots=True)
@@ -26,17 +28,20 @@ class Child:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
 
-    def reap(self) -> tuple[int | None, int | None, int]:
+    def reap(self) -> tuple[int | None, int | None, int | None]:
         """Collect the exited leader and kill whatever is left of its group.
 
-        Returns (exit_code, signal, peak_rss_bytes). Call only once the pidfd is readable: the
+        Returns (exit_code, signal, peak_rss_bytes or None when it is not known). Call only once the pidfd is readable: the
         leader is then a zombie, so its pid (the group id) cannot have been reused yet.
         """
         self.signal_group(signal.SIGKILL)
         _, status, usage = os.wait4(self.pid, 0)
         os.close(self.pidfd)
         code = os.waitstatus_to_exitcode(status)
-        peak = usage.ru_maxrss * 1024
+        # A child started from this process inherits our memory high-water mark at its first
+        # exec, so its maxrss only tells its own peak when it went above ours.
+        own = resource.getrusage(_SELF).ru_maxrss
+        peak = usage.ru_maxrss * 1024 if usage.ru_maxrss > own else None
         return (code, None, peak) if code >= 0 else (None, -code, peak)
 
 

@@ -53,6 +53,7 @@ class Job:
     not_before: float
     worker_id: str | None
     spec_json: str
+    peak_rss: int | None = None  # bytes, of the latest finished attempt
 
     @property
     def id(self) -> str:

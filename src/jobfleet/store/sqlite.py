@@ -37,9 +37,11 @@ from jobfleet.store.base import (
     WorkerInfo,
 )
 
-_JOB_COLUMNS = (
-    "id, run_id, seq, name, state, attempts, max_attempts, exit_code, signal, reason, "
-    "started_at, finished_at, not_before, worker_id, spec"
+#: a job with what its latest attempt measured
+_JOB_SELECT = (
+    "SELECT j.id, j.run_id, j.seq, j.name, j.state, j.attempts, j.max_attempts, j.exit_code,"
+    " j.signal, j.reason, j.started_at, j.finished_at, j.not_before, j.worker_id, j.spec,"
+    " a.peak_rss FROM jobs j LEFT JOIN attempts a ON a.job_id = j.id AND a.number = j.attempts"
 )
 _REF = re.compile(r"[0-9a-z]+\Z")
 #: how often one process looks for expired leases, at most
@@ -456,12 +458,12 @@ class SQLiteStore(Store):
         return Job(*row)
 
     def jobs(self, run_id: str, state: str | None = None, limit: int | None = None) -> list[Job]:
-        sql = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE run_id = ?"
+        sql = _JOB_SELECT + " WHERE j.run_id = ?"
         args: list[Any] = [run_id]
         if state is not None:
-            sql += " AND state = ?"
+            sql += " AND j.state = ?"
             args.append(state)
-        sql += " ORDER BY seq LIMIT ?"
+        sql += " ORDER BY j.seq LIMIT ?"
         args.append(-1 if limit is None else limit)
         return [self._job(r) for r in self._db.execute(sql, args)]
 
@@ -471,7 +473,7 @@ class SQLiteStore(Store):
             raise NotFound(f"'{ref}' is not a job id",
                            hint="job ids are RUN-N, like 3f9a2c1b-17 (`jobfleet jobs RUN` lists them)")
         run = self.run(run_ref) if run_ref else self.run("latest")
-        row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE run_id = ? AND seq = ?",
+        row = self._db.execute(_JOB_SELECT + " WHERE j.run_id = ? AND j.seq = ?",
                                (run.id, int(seq))).fetchone()
         if row is None:
             raise NotFound(f"run {run.id} has no job {seq}",
