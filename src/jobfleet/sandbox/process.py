@@ -31,8 +31,9 @@ class Child:
     def reap(self) -> tuple[int | None, int | None, int | None]:
         """Collect the exited leader and kill whatever is left of its group.
 
-        Returns (exit_code, signal, peak_rss_bytes or None when it is not known). Call only once the pidfd is readable: the
-        leader is then a zombie, so its pid (the group id) cannot have been reused yet.
+        Returns (exit_code, signal, peak_rss_bytes or None when it is not known). Call only
+        once the pidfd is readable: the leader is then a zombie, so its pid (the group id)
+        cannot have been reused yet.
         """
         self.signal_group(signal.SIGKILL)
         _, status, usage = os.wait4(self.pid, 0)

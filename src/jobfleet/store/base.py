@@ -189,7 +189,8 @@ class Store(abc.ABC):
     def register_worker(self, worker: WorkerInfo) -> None: ...
 
     @abc.abstractmethod
-    def set_worker_state(self, worker_id: str, state: str) -> None: ...
+    def set_worker_state(self, worker_id: str, state: str, jobs_done: int | None = None) -> None:
+        """Record a worker's state (and how many jobs it has finished, when given)."""
 
     @abc.abstractmethod
     def lease(
@@ -199,9 +200,16 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def heartbeat(
-        self, worker_id: str, leases: Sequence[tuple[int, str]], lease_seconds: float
+        self,
+        worker_id: str,
+        leases: Sequence[tuple[int, str]],
+        lease_seconds: float,
+        jobs_done: int | None = None,
     ) -> Beat:
-        """Extend the leases (key, token) still held; report lost ones and cancel requests."""
+        """Extend the leases (key, token) still held; report lost ones and cancel requests.
+
+        `jobs_done` (jobs this worker has finished so far) is recorded with the beat.
+        """
 
     @abc.abstractmethod
     def cancel_requests(self, worker_id: str) -> frozenset[int]:

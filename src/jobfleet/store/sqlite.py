@@ -44,6 +44,30 @@ _JOB_SELECT = (
     " a.peak_rss FROM jobs j LEFT JOIN attempts a ON a.job_id = j.id AND a.number = j.attempts"
 )
 _REF = re.compile(r"[0-9a-z]+\Z")
+#: Lease the oldest ready jobs that fit, in one statement. The innermost query takes at most
+#: `slots` candidates (each fitting alone) in queue order, the window sums their needs, and
+#: the prefix that fits together is taken. Every lease gets its own token: a random base
+#: for this call joined to the job's key.
+_LEASE = """
+UPDATE jobs SET state = 'running', attempts = attempts + 1, worker_id = :worker,
+    lease_token = :token || '.' || id, lease_expires = :expires, started_at = :now,
+    exit_code = NULL, signal = NULL, reason = NULL, finished_at = NULL
+WHERE id IN (
+    SELECT id FROM (
+        SELECT id, sum(cpus) OVER w AS c, sum(memory) OVER w AS m, sum(gpus) OVER w AS g
+        FROM (SELECT id, cpus, memory, gpus FROM jobs
+              WHERE state = 'queued' AND not_before <= :now {run_filter}
+                AND cpus <= :cpus AND memory <= :memory AND gpus <= :gpus
+              ORDER BY id LIMIT :slots)
+        WINDOW w AS (ORDER BY id))
+    WHERE c <= :cpus AND m <= :memory AND g <= :gpus)
+RETURNING id, run_id, seq, attempts, lease_token, spec
+"""
+#: an attempt is written once, when it ends; a running one lives in its job's row
+_ADD_ATTEMPT = (
+    "INSERT INTO attempts (job_id, number, worker_id, token, state, started_at, finished_at,"
+    " exit_code, signal, reason, peak_rss, log) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+)
 #: how often one process looks for expired leases, at most
 _REAP_EVERY = 1.0
 
@@ -75,6 +99,7 @@ class SQLiteStore(Store):
         self.clock = clock
         self._lock = threading.RLock()
         self._next_reap = 0.0
+        self._workdirs: dict[str, str | None] = {}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(
@@ -177,11 +202,12 @@ class SQLiteStore(Store):
             self._event(c, w.started_at, "worker_started", w.run_id, None, w.id,
                         host=w.host, pid=w.pid, slots=w.slots)
 
-    def set_worker_state(self, worker_id: str, state: str) -> None:
+    def set_worker_state(self, worker_id: str, state: str, jobs_done: int | None = None) -> None:
         now = self.clock()
         with self._tx() as c:
-            c.execute("UPDATE workers SET state = ?, heartbeat_at = ? WHERE id = ?",
-                      (state, now, worker_id))
+            c.execute("UPDATE workers SET state = ?, heartbeat_at = ?,"
+                      " jobs_done = coalesce(?, jobs_done) WHERE id = ?",
+                      (state, now, jobs_done, worker_id))
             self._event(c, now, f"worker_{state}", None, None, worker_id)
 
     def lease(
@@ -221,45 +247,31 @@ class SQLiteStore(Store):
         if now >= self._next_reap:
             self._reap(c, now)
             self._next_reap = now + _REAP_EVERY
-        expires = now + lease_seconds
-        sql = (
-            "SELECT j.id, j.run_id, j.seq, j.attempts, j.cpus, j.memory, j.gpus, j.spec,"
-            " r.workdir FROM jobs j JOIN runs r ON r.id = j.run_id"
-            " WHERE j.state = 'queued' AND j.not_before <= ?"
-            " AND j.cpus <= ? AND j.memory <= ? AND j.gpus <= ?"
-        )
-        args: list[Any] = [now, free.cpus, free.memory, free.gpus]
-        if run_id is not None:
-            sql += " AND j.run_id = ?"
-            args.append(run_id)
-        sql += " ORDER BY j.id LIMIT ?"
-        args.append(free.slots + 8)
-        cpus, memory, gpus = free.cpus, free.memory, free.gpus
-        leases: list[Lease] = []
-        for key, rid, seq, attempts, jc, jm, jg, spec, workdir in c.execute(sql, args):
-            if jc > cpus or jm > memory or jg > gpus:
-                continue
-            cpus, memory, gpus = cpus - jc, memory - jm, gpus - jg
-            leases.append(Lease(key, rid, seq, attempts + 1, secrets.token_hex(8), expires,
-                                JobSpec.from_json(spec), workdir))
-            if len(leases) == free.slots:
-                break
-        c.executemany(
-            "UPDATE jobs SET state = 'running', attempts = ?, worker_id = ?, lease_token = ?,"
-            " lease_expires = ?, started_at = ?, exit_code = NULL, signal = NULL,"
-            " reason = NULL, finished_at = NULL WHERE id = ?",
-            [(x.attempt, worker_id, x.token, expires, now, x.key) for x in leases],
-        )
-        # the attempt row is the record of the lease (who, when): no separate event
-        c.executemany(
-            "INSERT INTO attempts (job_id, number, worker_id, token, state, started_at)"
-            " VALUES (?,?,?,?,'running',?)",
-            [(x.key, x.attempt, worker_id, x.token, now) for x in leases],
-        )
-        return leases
+        run_filter = "AND run_id = :run" if run_id is not None else ""
+        base = secrets.token_hex(8)
+        rows = c.execute(_LEASE.format(run_filter=run_filter), {
+            "worker": worker_id, "token": base, "expires": now + lease_seconds, "now": now,
+            "run": run_id, "cpus": free.cpus, "memory": free.memory, "gpus": free.gpus,
+            "slots": free.slots,
+        }).fetchall()
+        rows.sort()
+        return [Lease(key, rid, seq, attempts, token, now + lease_seconds,
+                      JobSpec.from_json(spec), self._workdir(c, rid))
+                for key, rid, seq, attempts, token, spec in rows]
+
+    def _workdir(self, c: sqlite3.Connection, run_id: str) -> str | None:
+        """A run's folder (runs never change, so it is read once)."""
+        if run_id not in self._workdirs:
+            (self._workdirs[run_id],) = c.execute(
+                "SELECT workdir FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return self._workdirs[run_id]
 
     def heartbeat(
-        self, worker_id: str, leases: Sequence[tuple[int, str]], lease_seconds: float
+        self,
+        worker_id: str,
+        leases: Sequence[tuple[int, str]],
+        lease_seconds: float,
+        jobs_done: int | None = None,
     ) -> Beat:
         now = self.clock()
         lost = set()
@@ -272,7 +284,8 @@ class SQLiteStore(Store):
                 )
                 if cur.rowcount == 0:
                     lost.add(key)
-            c.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (now, worker_id))
+            c.execute("UPDATE workers SET heartbeat_at = ?, jobs_done = coalesce(?, jobs_done)"
+                      " WHERE id = ?", (now, jobs_done, worker_id))
         return Beat(frozenset(lost), self.cancel_requests(worker_id))
 
     def cancel_requests(self, worker_id: str) -> frozenset[int]:
@@ -290,26 +303,23 @@ class SQLiteStore(Store):
     ) -> list[int]:
         stale: list[int] = []
         for o in outcomes:
-            if o.status == SUCCEEDED:  # the hot path: one statement settles the job
+            if o.status == SUCCEEDED:  # the hot path: two statements settle the job
                 row = c.execute(
                     "UPDATE jobs SET state = 'succeeded', lease_token = NULL, lease_expires = NULL,"
                     " exit_code = ?, finished_at = ? WHERE id = ? AND lease_token = ?"
-                    " AND state = 'running' RETURNING attempts",
+                    " AND state = 'running' RETURNING attempts, started_at",
                     (o.exit_code, now, o.key, o.token),
                 ).fetchone()
                 if row is None:
                     stale.append(o.key)
                     continue
-                c.execute(
-                    "UPDATE attempts SET state = 'succeeded', finished_at = ?, exit_code = ?,"
-                    " peak_rss = ?, log = ? WHERE job_id = ? AND number = ?",
-                    (now, o.exit_code, o.peak_rss, o.log, o.key, row[0]),
-                )
+                c.execute(_ADD_ATTEMPT, (o.key, row[0], worker_id, o.token, SUCCEEDED, row[1],
+                                         now, o.exit_code, None, None, o.peak_rss, o.log))
                 continue
             row = c.execute(
                 "SELECT run_id, attempts, budget_from, max_attempts, retry_on, retry_delay,"
-                " cancel_requested FROM jobs WHERE id = ? AND lease_token = ?"
-                " AND state = 'running'",
+                " cancel_requested, started_at, lease_token FROM jobs WHERE id = ?"
+                " AND lease_token = ? AND state = 'running'",
                 (o.key, o.token),
             ).fetchone()
             if row is None:
@@ -317,12 +327,6 @@ class SQLiteStore(Store):
                 continue
             self._settle(c, now, o.key, row, o.status, o.exit_code, o.signal, o.reason,
                          o.peak_rss, o.log, worker_id)
-        if outcomes:
-            done = sum(o.status != "released" for o in outcomes) - len(stale)
-            c.execute(
-                "UPDATE workers SET jobs_done = jobs_done + ?, heartbeat_at = ? WHERE id = ?",
-                (done, now, worker_id),
-            )
         return stale
 
     def _settle(
@@ -340,7 +344,8 @@ class SQLiteStore(Store):
         worker_id: str | None,
     ) -> None:
         """End the running attempt of job `key` with `status` and move the job on."""
-        run_id, attempts, budget_from, max_attempts, retry_on, retry_delay, cancel_req = row
+        (run_id, attempts, budget_from, max_attempts, retry_on, retry_delay, cancel_req,
+         started_at, token) = row
         if status == "released":
             state, not_before, budget_from = QUEUED, now, budget_from + 1
         else:
@@ -355,11 +360,8 @@ class SQLiteStore(Store):
             (state, not_before, budget_from, exit_code, signal, reason,
              None if state == QUEUED else now, key),
         )
-        c.execute(
-            "UPDATE attempts SET state = ?, finished_at = ?, exit_code = ?, signal = ?,"
-            " reason = ?, peak_rss = ?, log = coalesce(?, log) WHERE job_id = ? AND number = ?",
-            (status, now, exit_code, signal, reason, peak_rss, log, key, attempts),
-        )
+        c.execute(_ADD_ATTEMPT, (key, attempts, worker_id, token, status, started_at, now,
+                                 exit_code, signal, reason, peak_rss, log))
         detail: dict[str, object] = {"attempt": attempts, "then": state}
         if exit_code is not None:
             detail["exit_code"] = exit_code
@@ -381,7 +383,8 @@ class SQLiteStore(Store):
               reason: str | None = None) -> int:
         sql = (
             "SELECT id, worker_id, run_id, attempts, budget_from, max_attempts, retry_on,"
-            " retry_delay, cancel_requested FROM jobs WHERE state = 'running' AND "
+            " retry_delay, cancel_requested, started_at, lease_token FROM jobs"
+            " WHERE state = 'running' AND "
         )
         if worker_id is None:
             rows = c.execute(sql + "lease_expires < ?", (now,)).fetchall()
@@ -481,9 +484,17 @@ class SQLiteStore(Store):
         return self._job(row)
 
     def attempts(self, job_key: int) -> list[Attempt]:
-        return [Attempt(*r) for r in self._db.execute(
+        found = [Attempt(*r) for r in self._db.execute(
             "SELECT job_id, number, worker_id, state, started_at, finished_at, exit_code, signal,"
             " reason, peak_rss, log FROM attempts WHERE job_id = ? ORDER BY number", (job_key,))]
+        running = self._db.execute(
+            "SELECT attempts, worker_id, started_at FROM jobs WHERE id = ? AND state = 'running'",
+            (job_key,)).fetchone()
+        if running:
+            number, worker_id, started_at = running
+            found.append(Attempt(job_key, number, worker_id, "running", started_at, None, None,
+                                 None, None, None, None))
+        return found
 
     def events(self, run_id: str | None = None, job_key: int | None = None) -> list[Event]:
         where, args = "", list[Any]()
@@ -494,11 +505,15 @@ class SQLiteStore(Store):
         found = [Event(at, kind, rid, jk, wid, Event.detail_of(d)) for at, kind, rid, jk, wid, d
                  in self._db.execute(f"SELECT at, kind, run_id, job_id, worker_id, detail"
                                      f" FROM events{where} ORDER BY id", args)]
-        # leases and successes are recorded once, in the attempts table
+        # leases and successes are recorded once, in the attempts table (or, for the attempt
+        # under way, in its job's row)
         for key, rid, number, wid, started, finished, state, code in self._db.execute(
             "SELECT a.job_id, j.run_id, a.number, a.worker_id, a.started_at, a.finished_at,"
             " a.state, a.exit_code FROM attempts a JOIN jobs j ON j.id = a.job_id"
-            + where.replace("job_id", "a.job_id").replace("run_id", "j.run_id"), args,
+            + where.replace("job_id", "a.job_id").replace("run_id", "j.run_id")
+            + " UNION ALL SELECT id, run_id, attempts, worker_id, started_at, NULL, state, NULL"
+            " FROM jobs WHERE state = 'running'"
+            + where.replace(" WHERE ", " AND ").replace("job_id", "id"), args * 2,
         ):
             found.append(Event(started, "leased", rid, key, wid, {"attempt": number}))
             if state == SUCCEEDED:

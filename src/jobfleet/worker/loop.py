@@ -151,7 +151,7 @@ class Worker:
             self._loop()
         finally:
             self._release_all()
-            self.store.set_worker_state(self.id, "stopped")
+            self.store.set_worker_state(self.id, "stopped", self.stats.done)
             os.close(self._wake_r)
             os.close(self._wake_w)
         return self.stats
@@ -390,7 +390,7 @@ class Worker:
 
     def _heartbeat(self, now: float) -> None:
         held = [(r.lease.key, r.lease.token) for r in self.running.values()]
-        beat = self.store.heartbeat(self.id, held, self.opts.lease_seconds)
+        beat = self.store.heartbeat(self.id, held, self.opts.lease_seconds, self.stats.done)
         for r in self.running.values():
             if r.lease.key in beat.lost:
                 self._kill(r, "lost", now)
