@@ -10,13 +10,12 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from jobfleet.errors import NotFound, StoreError
 from jobfleet.spec.model import JobSpec
-from jobfleet.store import policy
+from jobfleet.store import policy, sqlfiles
 from jobfleet.store.base import (
     CANCELLED,
     QUEUED,
@@ -37,48 +36,10 @@ from jobfleet.store.base import (
     WorkerInfo,
 )
 
-#: a job with what its latest attempt measured
-_JOB_SELECT = (
-    "SELECT j.id, j.run_id, j.seq, j.name, j.state, j.attempts, j.max_attempts, j.exit_code,"
-    " j.signal, j.reason, j.started_at, j.finished_at, j.not_before, j.worker_id, j.spec,"
-    " a.peak_rss FROM jobs j LEFT JOIN attempts a ON a.job_id = j.id AND a.number = j.attempts"
-)
 _REF = re.compile(r"[0-9a-z]+\Z")
-#: Lease the oldest ready jobs that fit, in one statement. The innermost query takes at most
-#: `slots` candidates (each fitting alone) in queue order, the window sums their needs, and
-#: the prefix that fits together is taken. Every lease gets its own token: a random base
-#: for this call joined to the job's key.
-_LEASE = """
-UPDATE jobs SET state = 'running', attempts = attempts + 1, worker_id = :worker,
-    lease_token = :token || '.' || id, lease_expires = :expires, started_at = :now,
-    exit_code = NULL, signal = NULL, reason = NULL, finished_at = NULL
-WHERE id IN (
-    SELECT id FROM (
-        SELECT id, sum(cpus) OVER w AS c, sum(memory) OVER w AS m, sum(gpus) OVER w AS g
-        FROM (SELECT id, cpus, memory, gpus FROM jobs
-              WHERE state = 'queued' AND not_before <= :now {run_filter}
-                AND cpus <= :cpus AND memory <= :memory AND gpus <= :gpus
-              ORDER BY id LIMIT :slots)
-        WINDOW w AS (ORDER BY id))
-    WHERE c <= :cpus AND m <= :memory AND g <= :gpus)
-RETURNING id, run_id, seq, attempts, lease_token, spec
-"""
-#: an attempt is written once, when it ends; a running one lives in its job's row
-_ADD_ATTEMPT = (
-    "INSERT INTO attempts (job_id, number, worker_id, token, state, started_at, finished_at,"
-    " exit_code, signal, reason, peak_rss, log) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
-)
+_Q = sqlfiles.queries("sqlite")
 #: how often one process looks for expired leases, at most
 _REAP_EVERY = 1.0
-
-
-def _migrations() -> list[tuple[int, str]]:
-    found = []
-    for entry in resources.files("jobfleet.store").joinpath("sql").iterdir():
-        m = re.match(r"sqlite_(\d+)_\w+\.sql\Z", entry.name)
-        if m:
-            found.append((int(m.group(1)), entry.read_text()))
-    return sorted(found)
 
 
 def _statements(script: str) -> Iterator[str]:
@@ -133,7 +94,7 @@ class SQLiteStore(Store):
                 " (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
             )
             done = {v for (v,) in c.execute("SELECT version FROM schema_migrations")}
-            for version, script in _migrations():
+            for version, script in sqlfiles.migrations("sqlite"):
                 if version in done:
                     continue
                 for statement in _statements(script):
@@ -249,7 +210,7 @@ class SQLiteStore(Store):
             self._next_reap = now + _REAP_EVERY
         run_filter = "AND run_id = :run" if run_id is not None else ""
         base = secrets.token_hex(8)
-        rows = c.execute(_LEASE.format(run_filter=run_filter), {
+        rows = c.execute(_Q["lease"].format(run_filter=run_filter), {
             "worker": worker_id, "token": base, "expires": now + lease_seconds, "now": now,
             "run": run_id, "cpus": free.cpus, "memory": free.memory, "gpus": free.gpus,
             "slots": free.slots,
@@ -304,24 +265,14 @@ class SQLiteStore(Store):
         stale: list[int] = []
         for o in outcomes:
             if o.status == SUCCEEDED:  # the hot path: two statements settle the job
-                row = c.execute(
-                    "UPDATE jobs SET state = 'succeeded', lease_token = NULL, lease_expires = NULL,"
-                    " exit_code = ?, finished_at = ? WHERE id = ? AND lease_token = ?"
-                    " AND state = 'running' RETURNING attempts, started_at",
-                    (o.exit_code, now, o.key, o.token),
-                ).fetchone()
+                row = c.execute(_Q["succeed"], (o.exit_code, now, o.key, o.token)).fetchone()
                 if row is None:
                     stale.append(o.key)
                     continue
-                c.execute(_ADD_ATTEMPT, (o.key, row[0], worker_id, o.token, SUCCEEDED, row[1],
+                c.execute(_Q["add_attempt"], (o.key, row[0], worker_id, o.token, SUCCEEDED, row[1],
                                          now, o.exit_code, None, None, o.peak_rss, o.log))
                 continue
-            row = c.execute(
-                "SELECT run_id, attempts, budget_from, max_attempts, retry_on, retry_delay,"
-                " cancel_requested, started_at, lease_token FROM jobs WHERE id = ?"
-                " AND lease_token = ? AND state = 'running'",
-                (o.key, o.token),
-            ).fetchone()
+            row = c.execute(_Q["running_job"], (o.key, o.token)).fetchone()
             if row is None:
                 stale.append(o.key)
                 continue
@@ -360,7 +311,7 @@ class SQLiteStore(Store):
             (state, not_before, budget_from, exit_code, signal, reason,
              None if state == QUEUED else now, key),
         )
-        c.execute(_ADD_ATTEMPT, (key, attempts, worker_id, token, status, started_at, now,
+        c.execute(_Q["add_attempt"], (key, attempts, worker_id, token, status, started_at, now,
                                  exit_code, signal, reason, peak_rss, log))
         detail: dict[str, object] = {"attempt": attempts, "then": state}
         if exit_code is not None:
@@ -461,7 +412,7 @@ class SQLiteStore(Store):
         return Job(*row)
 
     def jobs(self, run_id: str, state: str | None = None, limit: int | None = None) -> list[Job]:
-        sql = _JOB_SELECT + " WHERE j.run_id = ?"
+        sql = _Q["job"] + " WHERE j.run_id = ?"
         args: list[Any] = [run_id]
         if state is not None:
             sql += " AND j.state = ?"
@@ -476,7 +427,7 @@ class SQLiteStore(Store):
             raise NotFound(f"'{ref}' is not a job id",
                            hint="job ids are RUN-N, like 3f9a2c1b-17 (`jobfleet jobs RUN` lists them)")
         run = self.run(run_ref) if run_ref else self.run("latest")
-        row = self._db.execute(_JOB_SELECT + " WHERE j.run_id = ? AND j.seq = ?",
+        row = self._db.execute(_Q["job"] + " WHERE j.run_id = ? AND j.seq = ?",
                                (run.id, int(seq))).fetchone()
         if row is None:
             raise NotFound(f"run {run.id} has no job {seq}",

@@ -1,0 +1,46 @@
+-- Queries of the SQLite store, looked up by name (jobfleet.store.sqlfiles.queries).
+
+-- name: job
+-- A job, with what its latest finished attempt measured.
+SELECT j.id, j.run_id, j.seq, j.name, j.state, j.attempts, j.max_attempts, j.exit_code,
+       j.signal, j.reason, j.started_at, j.finished_at, j.not_before, j.worker_id, j.spec,
+       a.peak_rss
+FROM jobs j LEFT JOIN attempts a ON a.job_id = j.id AND a.number = j.attempts
+
+-- name: lease
+-- Lease the oldest ready jobs that fit, in one statement. The innermost query takes at most
+-- :slots candidates (each fitting alone) in queue order, the window sums their needs, and
+-- the prefix that fits together is taken. Every lease gets its own token: a random base for
+-- this call joined to the job's key. {run_filter} is empty or limits the query to one run.
+UPDATE jobs SET state = 'running', attempts = attempts + 1, worker_id = :worker,
+    lease_token = :token || '.' || id, lease_expires = :expires, started_at = :now,
+    exit_code = NULL, signal = NULL, reason = NULL, finished_at = NULL
+WHERE id IN (
+    SELECT id FROM (
+        SELECT id, sum(cpus) OVER w AS c, sum(memory) OVER w AS m, sum(gpus) OVER w AS g
+        FROM (SELECT id, cpus, memory, gpus FROM jobs
+              WHERE state = 'queued' AND not_before <= :now {run_filter}
+                AND cpus <= :cpus AND memory <= :memory AND gpus <= :gpus
+              ORDER BY id LIMIT :slots)
+        WINDOW w AS (ORDER BY id))
+    WHERE c <= :cpus AND m <= :memory AND g <= :gpus)
+RETURNING id, run_id, seq, attempts, lease_token, spec
+
+-- name: succeed
+-- The hot path: a fenced success in one statement.
+UPDATE jobs SET state = 'succeeded', lease_token = NULL, lease_expires = NULL,
+    exit_code = ?, finished_at = ?
+WHERE id = ? AND lease_token = ? AND state = 'running'
+RETURNING attempts, started_at
+
+-- name: running_job
+-- What ending the running attempt of a job needs, fenced by its token.
+SELECT run_id, attempts, budget_from, max_attempts, retry_on, retry_delay, cancel_requested,
+       started_at, lease_token
+FROM jobs WHERE id = ? AND lease_token = ? AND state = 'running'
+
+-- name: add_attempt
+-- An attempt is written once, when it ends; the one under way lives in its job's row.
+INSERT INTO attempts (job_id, number, worker_id, token, state, started_at, finished_at,
+                      exit_code, signal, reason, peak_rss, log)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
