@@ -6,7 +6,6 @@ import threading
 import time
 
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from jobfleet.blobs import Blobs, log_key
 from jobfleet.cli.app import out
@@ -41,6 +40,15 @@ class ProgressView:
         self._thread.join()
 
     def _show(self) -> None:
+        # imported here, on this thread, while the worker is already starting jobs
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
         progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
