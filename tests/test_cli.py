@@ -307,3 +307,11 @@ def _seconds(iso: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(iso).timestamp()
+
+
+def test_run_refuses_a_job_this_machine_could_never_run(jf: Jobfleet, tmp_path: Path) -> None:
+    write_csv(tmp_path / "jobs.csv", ["command", "memory"], [["true", "1GB"], ["true", "900TB"]])
+    before = jf.json("runs")
+    p = jf("run", "jobs.csv", check=2, timeout=30)
+    assert "job 2 needs" in p.stderr and "this machine offers" in p.stderr, p.stderr
+    assert jf.json("runs") == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import time
 from pathlib import Path
@@ -11,10 +12,10 @@ from typing import Annotated
 import typer
 
 from jobfleet.cli.app import BlobsOpt, JsonOpt, StoreOpt, app, connect, err, out, settings
-from jobfleet.cli.fmt import dumps
+from jobfleet.cli.fmt import dumps, size
 from jobfleet.errors import SpecError
 from jobfleet.spec import JobSpec
-from jobfleet.store import NewRun
+from jobfleet.store import Capacity, NewRun
 
 Args = Annotated[
     list[str] | None,
@@ -47,6 +48,18 @@ def load_jobs(args: list[str] | None, each: str | None) -> tuple[list[JobSpec], 
     if not path.is_file():
         raise SpecError(f"no job file {path}", hint="check the path (relative to this folder)")
     return read_jobs(path), str(path)
+
+
+def check_fits(jobs: list[JobSpec], total: Capacity, source: str) -> None:
+    """Refuse, before storing anything, a job this machine could never run: it would wait forever."""
+    for seq, job in enumerate(jobs, 1):
+        if job.cpus > total.cpus or job.memory > total.memory or job.gpus > total.gpus:
+            raise SpecError(
+                f"job {seq} needs {job.cpus:g} cpus, {size(job.memory)} of memory and "
+                f"{job.gpus} gpus; this machine offers {total.cpus:g} cpus, {size(total.memory)}"
+                f" and {total.gpus} gpus", source=source,
+                hint="lower what the job asks for, or `jobfleet submit` the file and start "
+                     "`jobfleet worker` on machines big enough")
 
 
 @app.command()
@@ -84,18 +97,21 @@ def run(
 ) -> None:
     """Run every job on this machine with a live progress bar; exit 1 if any job failed."""
     from jobfleet.cli.watch import ProgressView, summary
-    from jobfleet.worker import Worker, WorkerOptions
+    from jobfleet.worker import Worker, WorkerOptions, capacity
 
     jobs, source = load_jobs(args, each)
     s = settings(store, blobs, slots=slots, lease_seconds=lease_seconds)
+    run_id = secrets.token_hex(4)
+    options = WorkerOptions(
+        slots=s.slots, lease_seconds=s.lease_seconds, run_id=run_id, until_done=True,
+        drain_seconds=s.drain_seconds, kill_grace=s.kill_grace, worker_id=f"w{run_id[:4]}-1")
+    check_fits(jobs, capacity(options), source)
     db, blob_store = connect(s)
-    run_id = db.submit(NewRun(name=name, source=source, workdir=os.getcwd()), jobs)
+    db.submit(NewRun(name=name, source=source, workdir=os.getcwd(), id=run_id), jobs)
     total = len(jobs)
     del jobs
     # the worker runs here, in this process: no second interpreter to start
-    worker = Worker(db, blob_store, WorkerOptions(
-        slots=s.slots, lease_seconds=s.lease_seconds, run_id=run_id, until_done=True,
-        drain_seconds=s.drain_seconds, kill_grace=s.kill_grace, worker_id=f"w{run_id[:4]}-1"))
+    worker = Worker(db, blob_store, options)
     stopped = False
 
     def interrupted(signum: int, frame: object) -> None:

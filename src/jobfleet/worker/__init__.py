@@ -1,5 +1,5 @@
 """The worker: pulls jobs from the store and runs them in a sandbox."""
 
-from jobfleet.worker.loop import Worker, WorkerOptions
+from jobfleet.worker.loop import Worker, WorkerOptions, capacity
 
-__all__ = ["Worker", "WorkerOptions"]
+__all__ = ["Worker", "WorkerOptions", "capacity"]

@@ -54,6 +54,13 @@ def machine_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def capacity(o: WorkerOptions) -> Capacity:
+    """All a worker with these options offers: its slots, CPUs, memory and GPUs."""
+    cpus = o.cpus if o.cpus is not None else float(max(o.slots, os.cpu_count() or 1))
+    memory = o.memory if o.memory is not None else machine_memory()
+    return Capacity(o.slots, cpus, memory, o.gpus)
+
+
 @dataclass(slots=True)
 class _Running:
     lease: Lease
@@ -101,8 +108,8 @@ class Worker:
         self.store, self.blobs = store, blobs
         self.opts = o = options or WorkerOptions()
         self.id = o.worker_id or "w" + secrets.token_hex(3)
-        self.cpus = o.cpus if o.cpus is not None else float(max(o.slots, os.cpu_count() or 1))
-        self.memory = o.memory if o.memory is not None else machine_memory()
+        total = capacity(o)
+        self.cpus, self.memory = total.cpus, total.memory
         self.sandbox = ProcessSandbox()
         self.running: dict[int, _Running] = {}  # by pidfd
         self._pipes: dict[int, _Running] = {}  # by the read end of their output pipe
