@@ -1,6 +1,6 @@
 """jobfleet: run many jobs on a fleet of workers, starting with this machine."""
 
-from jobfleet.errors import JobfleetError, SpecError, StaleLease
+from jobfleet.errors import JobfleetError, SpecError
 
 __version__ = "0.1.0"
-__all__ = ["JobfleetError", "SpecError", "StaleLease", "__version__"]
+__all__ = ["JobfleetError", "SpecError", "__version__"]

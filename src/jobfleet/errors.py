@@ -53,9 +53,5 @@ class NotFound(JobfleetError):
     exit_code = 2
 
 
-class StaleLease(JobfleetError):
-    """The lease on this job was lost: another attempt owns it now."""
-
-
 class StoreError(JobfleetError):
     """The store could not be opened or used."""

@@ -79,10 +79,6 @@ class Blobs:
         text = self.read(key, start).decode("utf-8", "replace")
         return text.splitlines()[-lines:] if lines > 0 else []
 
-    def exists(self, key: str) -> bool:
-        path = self.local_path(key)
-        return path.exists() if path is not None else bool(self._fs.exists(f"{self._prefix}/{key}"))
-
 
 class LogWriter:
     """Appends one attempt's output to its log, creating the file on the first write.

@@ -10,7 +10,7 @@ from jobfleet.store.base import CANCELLED, FAILED, MAX_BACKOFF, QUEUED
 _RETRYABLE = frozenset({"failed", "lost"})
 
 
-def backoff(retry_delay: float, used: int, rng: random.Random | None = None) -> float:
+def backoff(retry_delay: float, used: int) -> float:
     """Seconds to wait before attempt `used + 1`: doubling from `retry_delay`, capped, jittered.
 
     The jitter keeps the upper half of the window ("equal jitter"), so a fleet of failing jobs
@@ -19,7 +19,7 @@ def backoff(retry_delay: float, used: int, rng: random.Random | None = None) -> 
     if retry_delay <= 0:
         return 0.0
     delay = min(MAX_BACKOFF, retry_delay * 2.0 ** max(0, used - 1))
-    return delay * (rng or random).uniform(0.5, 1.0)
+    return delay * random.uniform(0.5, 1.0)
 
 
 def after_attempt(
