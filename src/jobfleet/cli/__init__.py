@@ -6,9 +6,13 @@ import sys
 
 from rich.markup import escape
 
-from jobfleet.cli import control, inspect, run  # noqa: F401  (they register the commands)
 from jobfleet.cli.app import app, err
 from jobfleet.errors import JobfleetError
+
+# imported for the commands they register, in the order `jobfleet --help` lists them
+from jobfleet.cli import run  # noqa: E402, F401, I001
+from jobfleet.cli import inspect  # noqa: E402, F401
+from jobfleet.cli import control  # noqa: E402, F401
 
 __all__ = ["app", "main"]
 

@@ -25,12 +25,12 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 StoreOpt = Annotated[
     str | None,
     typer.Option("--store", metavar="URL",
-                 help="Store URL or SQLite path [env JOBFLEET_STORE; default .jobfleet/jobfleet.db]"),
+                 help="Store URL or SQLite path (env JOBFLEET_STORE; default .jobfleet/jobfleet.db)"),
 ]
 BlobsOpt = Annotated[
     str | None,
     typer.Option("--blobs", metavar="URL",
-                 help="Blob store folder or URL [env JOBFLEET_BLOBS; default .jobfleet/blobs]"),
+                 help="Blob store folder or URL (env JOBFLEET_BLOBS; default .jobfleet/blobs)"),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (schema: docs/cli.md).")]
 

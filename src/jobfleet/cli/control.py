@@ -30,7 +30,7 @@ def retry(ref: RefArg, store: StoreOpt = None) -> None:
 
 @app.command()
 def cancel(ref: RefArg, store: StoreOpt = None) -> None:
-    """Cancel queued jobs now; running ones are killed by their worker at its next heartbeat."""
+    """Cancel queued jobs now; their workers kill running ones within a second or two."""
     db, _ = connect(settings(store))
     if "-" in ref:
         j = db.job(ref)
@@ -43,11 +43,11 @@ def cancel(ref: RefArg, store: StoreOpt = None) -> None:
 
 @app.command()
 def worker(
-    slots: Annotated[int | None, typer.Option("--slots", help="Jobs at once [CPU count].")] = None,
+    slots: Annotated[int | None, typer.Option("--slots", help="Jobs at once (CPU count).")] = None,
     cpus: Annotated[float | None, typer.Option(
-        "--cpus", help="CPUs to offer jobs [max(slots, CPU count)].")] = None,
+        "--cpus", help="CPUs to offer jobs (max(slots, CPU count)).")] = None,
     memory: Annotated[str | None, typer.Option(
-        "--memory", help="Memory to offer jobs, e.g. 8GiB [this machine's].")] = None,
+        "--memory", help="Memory to offer jobs, e.g. 8GiB (this machine's).")] = None,
     gpus: Annotated[int, typer.Option("--gpus", help="GPUs to offer jobs.")] = 0,
     run: Annotated[str | None, typer.Option("--run", help="Serve only this run.")] = None,
     idle_exit: Annotated[float | None, typer.Option(

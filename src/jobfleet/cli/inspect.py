@@ -55,7 +55,7 @@ def runs(
 
 @app.command()
 def status(
-    run: Annotated[str, typer.Argument(metavar="[RUN]", help="Run id or prefix [default: latest].")]
+    run: Annotated[str, typer.Argument(metavar="[RUN]", help="Run id or prefix (default: latest).")]
     = "latest",
     store: StoreOpt = None,
     json: JsonOpt = False,
@@ -109,7 +109,7 @@ def jobs(
 @app.command()
 def logs(
     job: Annotated[str, typer.Argument(metavar="JOB", help="Job id, RUN-N.")],
-    attempt: Annotated[int | None, typer.Option("--attempt", help="Which attempt [latest].")]
+    attempt: Annotated[int | None, typer.Option("--attempt", help="Which attempt (latest).")]
     = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until it ends.")]
     = False,

@@ -89,7 +89,7 @@ def run(
     each: EachOpt = None,
     name: NameOpt = None,
     slots: Annotated[int | None, typer.Option(
-        "--slots", help="Jobs at once [default: CPU count].")] = None,
+        "--slots", help="Jobs at once (default: CPU count).")] = None,
     lease_seconds: Annotated[float | None, typer.Option(
         "--lease-seconds", help="How long a lease lasts without a heartbeat.")] = None,
     store: StoreOpt = None,
