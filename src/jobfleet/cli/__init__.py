@@ -10,9 +10,11 @@ from jobfleet.cli.app import app, err
 from jobfleet.errors import JobfleetError
 
 # imported for the commands they register, in the order `jobfleet --help` lists them
-from jobfleet.cli import run  # noqa: E402, F401, I001
-from jobfleet.cli import inspect  # noqa: E402, F401
-from jobfleet.cli import control  # noqa: E402, F401
+# isort: off
+from jobfleet.cli import run  # noqa: F401
+from jobfleet.cli import inspect  # noqa: F401
+from jobfleet.cli import control  # noqa: F401
+# isort: on
 
 __all__ = ["app", "main"]
 
