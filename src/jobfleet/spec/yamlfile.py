@@ -13,7 +13,7 @@ _NULL, _MERGE = "tag:yaml.org,2002:null", "tag:yaml.org,2002:merge"
 _YamlBase: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-class _YamlLoader(_YamlBase):  # type: ignore[misc]
+class _YamlLoader(_YamlBase):  # type: ignore[misc, valid-type]
     """SafeLoader that keeps scalars as written and builds Located mappings."""
 
 
