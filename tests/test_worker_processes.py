@@ -121,8 +121,8 @@ def test_second_sigterm_releases_the_running_job(jf: Jobfleet, tmp_path: Path,
     wait_for(lambda: "started" in jf.log(run, 1), 15, what="the job to start")
     start = time.monotonic()
     worker.send_signal(signal.SIGTERM)
-    # signals of one kind do not queue: give the first one time to be handled (not a state)
-    time.sleep(0.5)
+    # signals of one kind do not queue: the second goes once the first is handled
+    wait_until_draining(jf)
     worker.send_signal(signal.SIGTERM)
     out, err = worker.communicate(timeout=15)
     assert worker.returncode == 0, (out, err)
@@ -159,7 +159,8 @@ def test_released_job_is_not_counted_as_done(jf: Jobfleet, marker: str) -> None:
     worker = jf.popen("worker", "--slots", "1", "--lease-seconds", "1")
     wait_for(lambda: "started" in jf.log(run, 1), 15, what="the job to start")
     worker.send_signal(signal.SIGTERM)
-    time.sleep(0.5)  # signals of one kind do not queue: give the first one time to be handled
+    # signals of one kind do not queue: the second goes once the first is handled
+    wait_until_draining(jf)
     worker.send_signal(signal.SIGTERM)
     out, _ = worker.communicate(timeout=15)
     assert "1 released" in out
@@ -218,3 +219,8 @@ def test_cancel_one_job(jf: Jobfleet, tmp_path: Path, marker: str) -> None:
     assert [jobs[f"{run}-{n}"]["state"] for n in (1, 2, 3)] == [
         "cancelled", "cancelled", "succeeded"]
     assert jf.json("status", run)["state"] == "finished"
+
+
+def wait_until_draining(jf: Jobfleet) -> None:
+    wait_for(lambda: [w["state"] for w in jf.json("workers")] == ["draining"], 5,
+             what="the worker to record that it is draining")
