@@ -1,10 +1,9 @@
-"""The blob store: per-attempt logs (and later payloads and outputs), a local folder by default."""
+"""The blob store: per-attempt logs (later payloads and outputs), in a local folder for now."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from jobfleet.errors import ConfigError
 
@@ -15,37 +14,27 @@ def log_key(run_id: str, seq: int, attempt: int) -> str:
 
 
 class Blobs:
-    """Keys (`logs/RUN/7-1.log`) mapped to files in a folder, or objects via fsspec for URLs."""
+    """Keys (`logs/RUN/7-1.log`) mapped to files under one folder."""
 
     def __init__(self, url: str | Path) -> None:
         self.url = str(url)
         scheme, sep, rest = self.url.partition("://")
-        self.root: Path | None = None
-        self._fs: Any = None
-        if not sep or scheme == "file":
-            self.root = Path(rest if sep else self.url).expanduser().absolute()
-        else:
-            try:
-                import fsspec
-
-                self._fs, self._prefix = fsspec.core.url_to_fs(self.url)
-            except (ImportError, ValueError) as e:
-                raise ConfigError(
-                    f"cannot use the blob store {self.url}: {e}",
-                    hint="use a local folder, or install the extra for that URL scheme",
-                ) from None
+        if sep and scheme != "file":
+            # refused here, not at the first job: a worker must not start and then fail them all
+            raise ConfigError(
+                f"the blob store {self.url} is not supported yet: only local folders are",
+                hint="pass a folder to --blobs (or JOBFLEET_BLOBS)",
+            )
+        self.root = Path(rest if sep else self.url).expanduser().absolute()
         self._root_text = str(self.root)
         self._made: set[str] = set()
 
-    def local_path(self, key: str) -> Path | None:
-        """The file behind `key` when the blob store is a local folder, else None."""
-        return None if self.root is None else self.root / key
+    def local_path(self, key: str) -> Path:
+        """The file behind `key`."""
+        return self.root / key
 
     def log_writer(self, key: str) -> LogWriter:
         """Where one attempt's output goes; nothing is created until the first byte arrives."""
-        if self.root is None:
-            raise ConfigError(f"streaming logs to {self.url} is not supported yet",
-                              hint="use a local folder for --blobs")
         return LogWriter(self, key)
 
     def _create(self, key: str) -> int:
@@ -58,25 +47,20 @@ class Blobs:
 
     def read(self, key: str, offset: int = 0, limit: int | None = None) -> bytes:
         """Bytes of `key` from `offset`; b"" when it does not exist (yet)."""
-        path = self.local_path(key)
         try:
-            if path is not None:
-                with open(path, "rb") as f:
-                    f.seek(offset)
-                    return f.read(-1 if limit is None else limit)
-            with self._fs.open(f"{self._prefix}/{key}", "rb") as f:
+            with open(self.local_path(key), "rb") as f:
                 f.seek(offset)
-                data: bytes = f.read(-1 if limit is None else limit)
-                return data
+                return f.read(-1 if limit is None else limit)
         except FileNotFoundError:
             return b""
 
     def tail(self, key: str, lines: int) -> list[str]:
         """The last `lines` lines of a text blob (read from the end, however large it is)."""
-        path = self.local_path(key)
-        size = path.stat().st_size if path is not None and path.exists() else None
-        start = max(0, size - 64 * 1024) if size is not None else 0
-        text = self.read(key, start).decode("utf-8", "replace")
+        try:
+            size = self.local_path(key).stat().st_size
+        except FileNotFoundError:
+            return []
+        text = self.read(key, max(0, size - 64 * 1024)).decode("utf-8", "replace")
         return text.splitlines()[-lines:] if lines > 0 else []
 
 

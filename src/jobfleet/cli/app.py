@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -10,6 +10,9 @@ from rich.console import Console
 from jobfleet.blobs import Blobs
 from jobfleet.config import Settings, load_settings
 from jobfleet.store import Store, open_store
+
+if TYPE_CHECKING:
+    from jobfleet.worker import WorkerOptions
 
 app = typer.Typer(
     name="jobfleet",
@@ -37,6 +40,14 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (schema: docs/
 
 def settings(store: str | None = None, blobs: str | None = None, **flags: object) -> Settings:
     return load_settings({"store": store, "blobs": blobs, **flags})
+
+
+def worker_options(s: Settings, **decided: Any) -> WorkerOptions:
+    """A worker's options: what the settings say, plus what the command decides itself."""
+    from jobfleet.worker import WorkerOptions
+
+    return WorkerOptions(slots=s.slots, lease_seconds=s.lease_seconds,
+                         drain_seconds=s.drain_seconds, kill_grace=s.kill_grace, **decided)
 
 
 def connect(s: Settings) -> tuple[Store, Blobs]:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from jobfleet.cli.app import BlobsOpt, StoreOpt, app, connect, out, settings
+from jobfleet.cli.app import BlobsOpt, StoreOpt, app, connect, out, settings, worker_options
 from jobfleet.spec import parse_size
 
 RefArg = Annotated[str, typer.Argument(metavar="RUN|JOB", help="A run id, or a job id RUN-N.")]
@@ -60,16 +60,15 @@ def worker(
     blobs: BlobsOpt = None,
 ) -> None:
     """Take jobs from the store and run them until stopped (SIGTERM drains, twice releases)."""
-    from jobfleet.worker import Worker, WorkerOptions
+    from jobfleet.worker import Worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker: %(message)s")
     s = settings(store, blobs, slots=slots, lease_seconds=lease_seconds)
     db, blob_store = connect(s)
     run_id = db.run(run).id if run else None
-    opts = WorkerOptions(
-        slots=s.slots, cpus=cpus, memory=parse_size(memory) if memory else None, gpus=gpus,
-        lease_seconds=s.lease_seconds, idle_exit=idle_exit, max_jobs=max_jobs, run_id=run_id,
-        drain_seconds=s.drain_seconds, kill_grace=s.kill_grace)
+    opts = worker_options(
+        s, cpus=cpus, memory=parse_size(memory) if memory else None, gpus=gpus,
+        idle_exit=idle_exit, max_jobs=max_jobs, run_id=run_id)
     w = Worker(db, blob_store, opts)
     out.print(f"worker {w.id}: {opts.slots} slots, store {db.url}"
               + (f", run {run_id}" if run_id else ""))

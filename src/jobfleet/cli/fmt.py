@@ -38,13 +38,17 @@ def duration(seconds: float | None) -> str:
 
 
 def size(n: int | None) -> str:
+    """Bytes for people: `512B`, `29.6MiB`, `23.5GiB`."""
     if n is None:
         return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n}"
+    if n < 1024:
+        return f"{n}B"
+    value, unit = n / 1024, "KiB"
+    for bigger in ("MiB", "GiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.1f}{unit}"
 
 
 def counts_text(counts: dict[str, int]) -> str:

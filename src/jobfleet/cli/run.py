@@ -11,7 +11,17 @@ from typing import Annotated
 
 import typer
 
-from jobfleet.cli.app import BlobsOpt, JsonOpt, StoreOpt, app, connect, err, out, settings
+from jobfleet.cli.app import (
+    BlobsOpt,
+    JsonOpt,
+    StoreOpt,
+    app,
+    connect,
+    err,
+    out,
+    settings,
+    worker_options,
+)
 from jobfleet.cli.fmt import dumps, size
 from jobfleet.errors import SpecError
 from jobfleet.spec import JobSpec
@@ -97,14 +107,12 @@ def run(
 ) -> None:
     """Run every job on this machine with a live progress bar; exit 1 if any job failed."""
     from jobfleet.cli.watch import ProgressView, summary
-    from jobfleet.worker import Worker, WorkerOptions, capacity
+    from jobfleet.worker import Worker, capacity
 
     jobs, source = load_jobs(args, each)
     s = settings(store, blobs, slots=slots, lease_seconds=lease_seconds)
     run_id = secrets.token_hex(4)
-    options = WorkerOptions(
-        slots=s.slots, lease_seconds=s.lease_seconds, run_id=run_id, until_done=True,
-        drain_seconds=s.drain_seconds, kill_grace=s.kill_grace, worker_id=f"w{run_id[:4]}-1")
+    options = worker_options(s, run_id=run_id, until_done=True, worker_id=f"w{run_id[:4]}-1")
     check_fits(jobs, capacity(options), source)
     db, blob_store = connect(s)
     db.submit(NewRun(name=name, source=source, workdir=os.getcwd(), id=run_id), jobs)

@@ -6,7 +6,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from jobfleet.errors import SpecError
@@ -61,11 +61,13 @@ class JobSpec:
         return cls(**d)
 
 
+
+#: every field with its default (`command`, which has none, is always written)
 _DEFAULTS: dict[str, Any] = {
-    "command": None, "name": None, "cpus": 1.0, "memory": 0, "gpus": 0, "timeout": None, "max_attempts": 3,
-    "workdir": None, "outputs": (), "skip_if_done": False, "min_size": 0,
-    "instance_type": None, "retry_on": (), "retry_delay": 1.0, "env": {}, "params": {},
+    f.name: f.default_factory() if f.default_factory is not MISSING else f.default
+    for f in fields(JobSpec)
 }
+_DEFAULTS["command"] = None
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)\s*\Z", re.IGNORECASE)
 _SIZE_UNITS = {

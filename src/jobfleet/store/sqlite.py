@@ -174,11 +174,10 @@ class SQLiteStore(Store):
     def lease(
         self, worker_id: str, free: Capacity, lease_seconds: float, run_id: str | None = None
     ) -> list[Lease]:
-        if free.slots <= 0:
+        if free.slots <= 0:  # nothing to take: not even a transaction
             return []
-        now = self.clock()
         with self._tx() as c:
-            return self._lease(c, now, worker_id, free, lease_seconds, run_id)
+            return self._lease(c, self.clock(), worker_id, free, lease_seconds, run_id)
 
     def exchange(
         self,
@@ -272,11 +271,12 @@ class SQLiteStore(Store):
                 c.execute(_Q["add_attempt"], (o.key, row[0], worker_id, o.token, SUCCEEDED, row[1],
                                          now, o.exit_code, None, None, o.peak_rss, o.log))
                 continue
-            row = c.execute(_Q["running_job"], (o.key, o.token)).fetchone()
+            row = c.execute(_Q["running"] + " AND id = ? AND lease_token = ?",
+                            (o.key, o.token)).fetchone()
             if row is None:
                 stale.append(o.key)
                 continue
-            self._settle(c, now, o.key, row, o.status, o.exit_code, o.signal, o.reason,
+            self._settle(c, now, o.key, row[2:], o.status, o.exit_code, o.signal, o.reason,
                          o.peak_rss, o.log, worker_id)
         return stale
 
@@ -332,15 +332,10 @@ class SQLiteStore(Store):
 
     def _reap(self, c: sqlite3.Connection, now: float, worker_id: str | None = None,
               reason: str | None = None) -> int:
-        sql = (
-            "SELECT id, worker_id, run_id, attempts, budget_from, max_attempts, retry_on,"
-            " retry_delay, cancel_requested, started_at, lease_token FROM jobs"
-            " WHERE state = 'running' AND "
-        )
         if worker_id is None:
-            rows = c.execute(sql + "lease_expires < ?", (now,)).fetchall()
+            rows = c.execute(_Q["running"] + " AND lease_expires < ?", (now,)).fetchall()
         else:
-            rows = c.execute(sql + "worker_id = ?", (worker_id,)).fetchall()
+            rows = c.execute(_Q["running"] + " AND worker_id = ?", (worker_id,)).fetchall()
         for key, wid, *row in rows:
             why = reason or f"worker {wid} lost: its lease expired"
             self._settle(c, now, key, tuple(row), "lost", None, None, why, None, None, wid)
@@ -448,23 +443,26 @@ class SQLiteStore(Store):
         return found
 
     def events(self, run_id: str | None = None, job_key: int | None = None) -> list[Event]:
-        where, args = "", list[Any]()
-        if job_key is not None:
-            where, args = " WHERE job_id = ?", [job_key]
-        elif run_id is not None:
-            where, args = " WHERE run_id = ?", [run_id]
+        def where(job_column: str, run_column: str) -> tuple[str, list[Any]]:
+            if job_key is not None:
+                return f" AND {job_column} = ?", [job_key]
+            if run_id is not None:
+                return f" AND {run_column} = ?", [run_id]
+            return "", []
+
+        cond, args = where("job_id", "run_id")
         found = [Event(at, kind, rid, jk, wid, Event.detail_of(d)) for at, kind, rid, jk, wid, d
-                 in self._db.execute(f"SELECT at, kind, run_id, job_id, worker_id, detail"
-                                     f" FROM events{where} ORDER BY id", args)]
+                 in self._db.execute("SELECT at, kind, run_id, job_id, worker_id, detail"
+                                     f" FROM events WHERE 1{cond} ORDER BY id", args)]
         # leases and successes are recorded once, in the attempts table (or, for the attempt
         # under way, in its job's row)
+        ended, ended_args = where("a.job_id", "j.run_id")
+        under_way, under_way_args = where("id", "run_id")
         for key, rid, number, wid, started, finished, state, code in self._db.execute(
             "SELECT a.job_id, j.run_id, a.number, a.worker_id, a.started_at, a.finished_at,"
-            " a.state, a.exit_code FROM attempts a JOIN jobs j ON j.id = a.job_id"
-            + where.replace("job_id", "a.job_id").replace("run_id", "j.run_id")
-            + " UNION ALL SELECT id, run_id, attempts, worker_id, started_at, NULL, state, NULL"
-            " FROM jobs WHERE state = 'running'"
-            + where.replace(" WHERE ", " AND ").replace("job_id", "id"), args * 2,
+            f" a.state, a.exit_code FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE 1{ended}"
+            " UNION ALL SELECT id, run_id, attempts, worker_id, started_at, NULL, state, NULL"
+            f" FROM jobs WHERE state = 'running'{under_way}", ended_args + under_way_args,
         ):
             found.append(Event(started, "leased", rid, key, wid, {"attempt": number}))
             if state == SUCCEEDED:

@@ -82,7 +82,6 @@ class _Timers:
     idle_since: float = 0.0
     next_beat: float = 0.0
     next_cancel_check: float = 0.0
-    drain_recorded: bool = False
 
     def __post_init__(self) -> None:
         self.idle_since = self.born
@@ -108,8 +107,7 @@ class Worker:
         self.store, self.blobs = store, blobs
         self.opts = o = options or WorkerOptions()
         self.id = o.worker_id or "w" + secrets.token_hex(3)
-        total = capacity(o)
-        self.cpus, self.memory = total.cpus, total.memory
+        self.total = capacity(o)
         self.sandbox = ProcessSandbox()
         self.running: dict[int, _Running] = {}  # by pidfd
         self._pipes: dict[int, _Running] = {}  # by the read end of their output pipe
@@ -130,13 +128,9 @@ class Worker:
 
         A second call, or `now`, releases them at once.
         """
-        at = time.monotonic()
-        if self.draining or now:
-            self.draining = True
-            self._drain_deadline = at
-        else:
-            self.draining = True
-            self._drain_deadline = at + self.opts.drain_seconds
+        grace = 0.0 if self.draining or now else self.opts.drain_seconds
+        self.draining = True
+        self._drain_deadline = time.monotonic() + grace
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"x")
 
@@ -148,7 +142,8 @@ class Worker:
         o = self.opts
         now = time.time()
         self.store.register_worker(WorkerInfo(
-            self.id, socket.gethostname(), os.getpid(), o.slots, self.cpus, self.memory, o.gpus,
+            self.id, socket.gethostname(), os.getpid(), o.slots, self.total.cpus,
+            self.total.memory, o.gpus,
             o.lease_seconds, o.run_id, "running", now, now, 0))
         log.info("worker %s started", self.id, extra={"action": "worker_started"})
         if handle_signals:
@@ -167,12 +162,13 @@ class Worker:
         o, t = self.opts, _Timers(time.monotonic(), max(0.05, self.opts.lease_seconds / 3))
         poller = self._poller
         poller.register(self._wake_r, select.POLLIN)
+        drain_recorded = False
         while True:
             now = time.monotonic()
             if self.draining:
-                if not t.drain_recorded:
+                if not drain_recorded:  # here, not in the signal handler that set draining
                     self.store.set_worker_state(self.id, "draining")
-                    t.drain_recorded = True
+                    drain_recorded = True
                 if not self.running:
                     return
                 if now >= self._drain_deadline:
@@ -263,8 +259,7 @@ class Worker:
 
     def _work_due(self) -> bool:
         """Is a job that this worker could take waiting out a retry backoff?"""
-        total = Capacity(self.opts.slots, self.cpus, self.memory, self.opts.gpus)
-        return self.store.next_due(total, self.opts.run_id) is not None
+        return self.store.next_due(self.total, self.opts.run_id) is not None
 
     def _run_over(self, age: float) -> bool:
         """With until_done: has the run nothing left (or never appeared, a minute on)?"""
@@ -280,7 +275,7 @@ class Worker:
     # -- starting ---------------------------------------------------------------------------
     def _free(self) -> Capacity:
         o = self.opts
-        cpus, memory, gpus = self.cpus, self.memory, o.gpus
+        cpus, memory, gpus = self.total.cpus, self.total.memory, self.total.gpus
         for r in self.running.values():
             s = r.lease.spec
             cpus, memory, gpus = cpus - s.cpus, memory - s.memory, gpus - s.gpus

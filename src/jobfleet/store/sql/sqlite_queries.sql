@@ -33,11 +33,12 @@ UPDATE jobs SET state = 'succeeded', lease_token = NULL, lease_expires = NULL,
 WHERE id = ? AND lease_token = ? AND state = 'running'
 RETURNING attempts, started_at
 
--- name: running_job
--- What ending the running attempt of a job needs, fenced by its token.
-SELECT run_id, attempts, budget_from, max_attempts, retry_on, retry_delay, cancel_requested,
-       started_at, lease_token
-FROM jobs WHERE id = ? AND lease_token = ? AND state = 'running'
+-- name: running
+-- Running jobs with what ending their attempt needs (key, worker, then the columns _settle
+-- reads); callers add the condition: a key and token, an expired lease, or a worker.
+SELECT id, worker_id, run_id, attempts, budget_from, max_attempts, retry_on, retry_delay,
+       cancel_requested, started_at, lease_token
+FROM jobs WHERE state = 'running'
 
 -- name: add_attempt
 -- An attempt is written once, when it ends; the one under way lives in its job's row.
