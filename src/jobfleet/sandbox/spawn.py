@@ -36,8 +36,9 @@ _libc = _load()
 def spawn(argv: Sequence[bytes], env: Sequence[bytes], cwd: bytes, stdout: int) -> int:
     """Start `argv` in a new session with stdin from /dev/null, stdout and stderr to `stdout`.
 
-    `env` holds `NAME=value` entries. Returns the pid; raises OSError (FileNotFoundError when
-    `cwd` or the program does not exist).
+    `env` holds `NAME=value` entries. A program named without a `/` is looked up on this
+    process's PATH. Returns the pid; raises OSError (FileNotFoundError when `cwd` or the
+    program does not exist).
     """
     if _libc is None:
         return _spawn_subprocess(argv, env, cwd, stdout)
@@ -55,7 +56,8 @@ def spawn(argv: Sequence[bytes], env: Sequence[bytes], cwd: bytes, stdout: int) 
         c_argv = (ctypes.c_char_p * (len(argv) + 1))(*argv, None)
         c_env = (ctypes.c_char_p * (len(env) + 1))(*env, None)
         pid = ctypes.c_int()
-        err = libc.posix_spawn(ctypes.byref(pid), argv[0], actions, attr, c_argv, c_env)
+        start = libc.posix_spawn if b"/" in argv[0] else libc.posix_spawnp
+        err = start(ctypes.byref(pid), argv[0], actions, attr, c_argv, c_env)
     finally:
         libc.posix_spawn_file_actions_destroy(actions)
         libc.posix_spawnattr_destroy(attr)

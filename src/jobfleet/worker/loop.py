@@ -326,7 +326,8 @@ class Worker:
                b"JOBFLEET_RUN_ID=" + lease.run_id.encode(),
                b"JOBFLEET_ATTEMPT=%d" % lease.attempt]
         try:
-            child = self.sandbox.start(spec.command, cwd=cwd, env=env)
+            child = self.sandbox.start(spec.command, cwd=cwd, env=env,
+                                       own_path="PATH" not in spec.env)
         except FileNotFoundError:
             return Outcome(lease.key, lease.token, "failed",
                            reason=f"workdir {cwd} does not exist on {socket.gethostname()}")
