@@ -15,7 +15,7 @@ import pytest
 
 from jobfleet.errors import NotFound, StoreError
 from jobfleet.spec import JobSpec, make_job
-from jobfleet.store import Capacity, NewRun, Outcome, Store
+from jobfleet.store import Capacity, NewRun, Outcome, Store, sqlfiles
 from jobfleet.store.sqlite import SQLiteStore
 
 BIG = Capacity(slots=100, cpus=100, memory=10**12, gpus=8)
@@ -324,10 +324,29 @@ def test_migrations_run_once_and_the_file_stays_consistent(tmp_path: Path) -> No
     path = tmp_path / "m.db"
     a = SQLiteStore(path)
     b = SQLiteStore(path)
-    assert a.schema_version() == b.schema_version() == 1
+    latest = sqlfiles.migrations("sqlite")[-1][0]
+    assert a.schema_version() == b.schema_version() == latest
     a.submit(NewRun(), [job()])
     a.close()
     b.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        assert db.execute("SELECT count(*) FROM schema_migrations").fetchone() == (1,)
+        assert db.execute("SELECT count(*) FROM schema_migrations").fetchone() == (latest,)
+
+
+def test_a_store_from_an_older_version_is_upgraded_in_place(tmp_path: Path) -> None:
+    """A store written by the first release (schema 1) opens with its runs, then takes calls."""
+    path = tmp_path / "old.db"
+    [(version, script)] = sqlfiles.migrations("sqlite")[:1]
+    with sqlite3.connect(path) as db:
+        db.executescript(script)
+        db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL)")
+        db.execute("INSERT INTO schema_migrations VALUES (?, 0)", (version,))
+        db.execute("INSERT INTO runs (id, created_at, total) VALUES ('0ld00001', 0, 0)")
+    store = SQLiteStore(path)
+    assert store.schema_version() == sqlfiles.migrations("sqlite")[-1][0] > version
+    assert [r.id for r in store.runs()] == ["0ld00001"]
+    run_id = store.submit(NewRun(), [job()], [b"payload"])
+    [lease] = store.lease("w", Capacity(1, 1, 2**30), 60, run_id)
+    assert lease.payload == b"payload"
+    store.close()

@@ -45,6 +45,32 @@ class Blobs:
             self._made.add(parent)
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
 
+    def exists(self, key: str) -> bool:
+        return os.path.exists(os.path.join(self._root_text, key))
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store `data` under `key` atomically: written beside it, then renamed into place."""
+        path = os.path.join(self._root_text, key)
+        parent = os.path.dirname(path)
+        if parent not in self._made:
+            os.makedirs(parent, exist_ok=True)
+            self._made.add(parent)
+        partial = f"{path}.{os.getpid()}.partial"
+        with open(partial, "wb") as f:
+            f.write(data)
+        os.replace(partial, path)
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove every blob under the folder `prefix` (e.g. `results/RUN`); returns how many."""
+        import shutil
+
+        folder = self.root / prefix
+        if not folder.is_dir():
+            return 0
+        n = sum(1 for p in folder.rglob("*") if p.is_file())
+        shutil.rmtree(folder)
+        return n
+
     def read(self, key: str, offset: int = 0, limit: int | None = None) -> bytes:
         """Bytes of `key` from `offset`; b"" when it does not exist (yet)."""
         try:

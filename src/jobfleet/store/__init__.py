@@ -11,6 +11,7 @@ from jobfleet.store.base import (
     Attempt,
     Beat,
     Capacity,
+    Ended,
     Event,
     Job,
     Lease,
@@ -23,7 +24,7 @@ from jobfleet.store.base import (
 )
 
 __all__ = [
-    "STATES", "TERMINAL", "Attempt", "Beat", "Capacity", "Event", "Job", "Lease", "NewRun",
+    "STATES", "TERMINAL", "Attempt", "Beat", "Capacity", "Ended", "Event", "Job", "Lease", "NewRun",
     "Outcome", "Run", "Store", "WorkerInfo", "job_id", "open_store",
 ]
 

@@ -91,6 +91,7 @@ class Lease:
     expires: float
     spec: JobSpec
     run_workdir: str | None
+    payload: bytes | None = None  # a Python call's pickled call; None for a shell command
 
     @property
     def id(self) -> str:
@@ -113,6 +114,18 @@ class Outcome:
     reason: str | None = None
     peak_rss: int | None = None
     log: str | None = None
+    result: bytes | None = None  # a Python call's pickled result or exception
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """A job that reached a final state, as a caller waiting for results sees it."""
+
+    seq: int
+    state: str
+    reason: str | None
+    result: bytes | None
+    finished_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,8 +194,17 @@ class Store(abc.ABC):
 
     # -- submission -------------------------------------------------------------------------
     @abc.abstractmethod
-    def submit(self, run: NewRun, jobs: Iterable[JobSpec]) -> str:
-        """Store a run and all its jobs in one transaction; returns the run id."""
+    def submit(self, run: NewRun, jobs: Iterable[JobSpec],
+               payloads: Iterable[bytes] | None = None) -> str:
+        """Store a run and all its jobs in one transaction; returns the run id.
+
+        `payloads`, one per job, makes the jobs Python calls (see `jobfleet.api`).
+        """
+
+    @abc.abstractmethod
+    def append(self, run_id: str, jobs: Iterable[JobSpec],
+               payloads: Iterable[bytes] | None = None) -> int:
+        """Add jobs to an existing run in one transaction; returns the first new seq."""
 
     # -- the worker's side ------------------------------------------------------------------
     @abc.abstractmethod
@@ -261,6 +283,17 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def jobs(self, run_id: str, state: str | None = None, limit: int | None = None) -> list[Job]:
         ...
+
+    @abc.abstractmethod
+    def ended(self, run_id: str, since: float = 0.0, results: bool = True) -> list[Ended]:
+        """Jobs of the run in a final state that ended at or after `since` (store clock).
+
+        Without `results` the `result` field is None (a cheaper look).
+        """
+
+    @abc.abstractmethod
+    def clear_results(self, run_id: str) -> int:
+        """Forget the run's stored calls and results; returns how many jobs had any."""
 
     @abc.abstractmethod
     def job(self, ref: str) -> Job:

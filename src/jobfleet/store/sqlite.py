@@ -26,6 +26,7 @@ from jobfleet.store.base import (
     Beat,
     Capacity,
     Clock,
+    Ended,
     Event,
     Job,
     Lease,
@@ -121,7 +122,8 @@ class SQLiteStore(Store):
         )
 
     # -- submission -------------------------------------------------------------------------
-    def submit(self, run: NewRun, jobs: Iterable[JobSpec]) -> str:
+    def submit(self, run: NewRun, jobs: Iterable[JobSpec],
+               payloads: Iterable[bytes] | None = None) -> str:
         now = self.clock()
         with self._tx() as c:
             run_id = run.id or secrets.token_hex(4)
@@ -134,22 +136,43 @@ class SQLiteStore(Store):
                 " VALUES (?,?,?,?,?,0)",
                 (run_id, run.name, run.source, run.workdir, now),
             )
-            rows = (
-                (run_id, seq, j.name, j.cpus, j.memory, j.gpus, j.max_attempts, j.retry_delay,
-                 ",".join(map(str, j.retry_on)) or None, j.to_json())
-                for seq, j in enumerate(jobs, 1)
-            )
-            c.executemany(
-                "INSERT INTO jobs (run_id, seq, name, cpus, memory, gpus, max_attempts,"
-                " retry_delay, retry_on, spec) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                rows,
-            )
-            (total,) = c.execute("SELECT count(*) FROM jobs WHERE run_id = ?", (run_id,)).fetchone()
+            total = self._insert_jobs(c, run_id, 1, jobs, payloads)
             if total == 0:
                 raise StoreError("nothing to submit: the run has no jobs")
-            c.execute("UPDATE runs SET total = ? WHERE id = ?", (total, run_id))
             self._event(c, now, "submitted", run_id, jobs=total, source=run.source)
         return run_id
+
+    def append(self, run_id: str, jobs: Iterable[JobSpec],
+               payloads: Iterable[bytes] | None = None) -> int:
+        now = self.clock()
+        with self._tx() as c:
+            row = c.execute("SELECT total FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no run '{run_id}' in {self.path}")
+            first = row[0] + 1
+            added = self._insert_jobs(c, run_id, first, jobs, payloads)
+            self._event(c, now, "appended", run_id, jobs=added)
+        return int(first)
+
+    @staticmethod
+    def _insert_jobs(c: sqlite3.Connection, run_id: str, first: int, jobs: Iterable[JobSpec],
+                     payloads: Iterable[bytes] | None) -> int:
+        """Insert jobs numbered from `first`; returns how many; updates the run's total."""
+        pay = iter(payloads) if payloads is not None else None
+        rows = (
+            (run_id, seq, j.name, j.cpus, j.memory, j.gpus, j.max_attempts, j.retry_delay,
+             ",".join(map(str, j.retry_on)) or None, j.to_json(),
+             next(pay) if pay is not None else None)
+            for seq, j in enumerate(jobs, first)
+        )
+        c.executemany(
+            "INSERT INTO jobs (run_id, seq, name, cpus, memory, gpus, max_attempts,"
+            " retry_delay, retry_on, spec, payload) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            rows,
+        )
+        (total,) = c.execute("SELECT count(*) FROM jobs WHERE run_id = ?", (run_id,)).fetchone()
+        c.execute("UPDATE runs SET total = ? WHERE id = ?", (total, run_id))
+        return int(total) - first + 1
 
     # -- the worker's side ------------------------------------------------------------------
     def register_worker(self, w: WorkerInfo) -> None:
@@ -216,8 +239,8 @@ class SQLiteStore(Store):
         }).fetchall()
         rows.sort()
         return [Lease(key, rid, seq, attempts, token, now + lease_seconds,
-                      JobSpec.from_json(spec), self._workdir(c, rid))
-                for key, rid, seq, attempts, token, spec in rows]
+                      JobSpec.from_json(spec), self._workdir(c, rid), payload)
+                for key, rid, seq, attempts, token, spec, payload in rows]
 
     def _workdir(self, c: sqlite3.Connection, run_id: str) -> str | None:
         """A run's folder (runs never change, so it is read once)."""
@@ -264,7 +287,8 @@ class SQLiteStore(Store):
         stale: list[int] = []
         for o in outcomes:
             if o.status == SUCCEEDED:  # the hot path: two statements settle the job
-                row = c.execute(_Q["succeed"], (o.exit_code, now, o.key, o.token)).fetchone()
+                row = c.execute(_Q["succeed"], (o.exit_code, now, o.result, o.key, o.token)
+                                ).fetchone()
                 if row is None:
                     stale.append(o.key)
                     continue
@@ -278,6 +302,8 @@ class SQLiteStore(Store):
                 continue
             self._settle(c, now, o.key, row[2:], o.status, o.exit_code, o.signal, o.reason,
                          o.peak_rss, o.log, worker_id)
+            if o.result is not None:
+                c.execute("UPDATE jobs SET result = ? WHERE id = ?", (o.result, o.key))
         return stale
 
     def _settle(
@@ -401,6 +427,19 @@ class SQLiteStore(Store):
         counts.update(self._db.execute(
             "SELECT state, count(*) FROM jobs WHERE run_id = ? GROUP BY state", (run_id,)))
         return counts
+
+    def ended(self, run_id: str, since: float = 0.0, results: bool = True) -> list[Ended]:
+        result = "result" if results else "NULL"
+        return [Ended(*r) for r in self._db.execute(
+            f"SELECT seq, state, reason, {result}, finished_at FROM jobs WHERE run_id = ?"
+            " AND finished_at >= ? AND state IN ('succeeded', 'failed', 'cancelled', 'skipped')",
+            (run_id, since))]
+
+    def clear_results(self, run_id: str) -> int:
+        with self._tx() as c:
+            return int(c.execute(
+                "UPDATE jobs SET payload = NULL, result = NULL WHERE run_id = ?"
+                " AND (payload IS NOT NULL OR result IS NOT NULL)", (run_id,)).rowcount)
 
     @staticmethod
     def _job(row: tuple[Any, ...]) -> Job:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from jobfleet.blobs import Blobs, LogWriter, log_key
 from jobfleet.sandbox import Child, ProcessSandbox
 from jobfleet.store import Capacity, Lease, Outcome, Store, WorkerInfo
+from jobfleet.worker.calls import RECYCLE_AFTER, Runner
 from jobfleet.worker.outputs import missing_outputs, outputs_done
 
 log = logging.getLogger("jobfleet.worker")
@@ -65,7 +66,7 @@ def capacity(o: WorkerOptions) -> Capacity:
 class _Running:
     lease: Lease
     log: LogWriter
-    child: Child
+    child: Child | Runner  # a Runner: a Python call in a warm interpreter
     deadline: float | None
     stopping: str | None = None  # why we are killing it: timeout, cancelled, lost, drain
     kill_at: float | None = None
@@ -121,6 +122,11 @@ class Worker:
                           if k not in _JOB_VARIABLES}
         self._base_env_list = [k + b"=" + v for k, v in self._base_env.items()]
         self._cwd = os.getcwd()
+        # warm interpreters for Python calls: idle ones by folder, busy ones by pid
+        self._idle: dict[str, list[Runner]] = {}
+        self._busy: dict[int, _Running] = {}
+        self._runner_fds: dict[int, Runner] = {}  # its result pipe, output pipe and pidfd
+        self._bodies: dict[str, bytes] = {}  # pickled functions by digest
 
     # -- lifecycle --------------------------------------------------------------------------
     def stop(self, *, now: bool = False) -> None:
@@ -153,6 +159,7 @@ class Worker:
             self._loop()
         finally:
             self._release_all()
+            self._stop_runners()
             self.store.set_worker_state(self.id, "stopped", self.stats.done)
             os.close(self._wake_r)
             os.close(self._wake_w)
@@ -235,6 +242,8 @@ class Worker:
             elif fd in self.running:
                 poller.unregister(fd)
                 outcomes.append(self._reaped(self.running.pop(fd)))
+            elif fd in self._runner_fds:
+                outcomes.extend(self._runner_event(fd))
         return outcomes
 
     def _copy_output(self, r: _Running, *, final: bool = False) -> None:
@@ -316,6 +325,8 @@ class Worker:
         spec = lease.spec
         key = log_key(lease.run_id, lease.seq, lease.attempt)
         cwd = self._workdir(lease)
+        if lease.payload is not None:
+            return self._start_call(lease, key, cwd)
         if spec.skip_if_done and spec.outputs and outputs_done(spec.outputs, cwd, spec.min_size):
             return Outcome(lease.key, lease.token, "skipped", reason="outputs already exist")
         env = self._base_env_list
@@ -340,6 +351,111 @@ class Worker:
         self._poller.register(child.out, select.POLLIN)
         return r
 
+    # -- Python calls -----------------------------------------------------------------------
+    def _start_call(self, lease: Lease, key: str, cwd: str) -> _Running | Outcome:
+        idle = self._idle.get(cwd)
+        runner = idle.pop() if idle else None
+        try:
+            if runner is None:
+                runner = Runner.start(dict(os.environ), cwd)
+                for fd in (runner.pidfd, runner.from_runner, runner.out):
+                    self._runner_fds[fd] = runner
+                    self._poller.register(fd, select.POLLIN)
+            runner.send(lease.key, lease.payload or b"", self.blobs, self._bodies)
+        except (OSError, LookupError) as e:
+            if runner is not None:
+                self._retire(runner)
+            return Outcome(lease.key, lease.token, "failed", reason=f"could not start the call: {e}")
+        deadline = time.monotonic() + lease.spec.timeout if lease.spec.timeout else None
+        r = _Running(lease, self.blobs.log_writer(key), runner, deadline)
+        self._busy[runner.pid] = r
+        return r
+
+    def _runner_event(self, fd: int) -> list[Outcome]:
+        """Output, answers or the death of a warm interpreter."""
+        runner = self._runner_fds[fd]
+        r = self._busy.get(runner.pid)
+        if fd == runner.out:
+            self._copy_runner_output(runner, r)
+            return []
+        if fd == runner.pidfd:  # it died while idle (a busy one is in self.running)
+            self._retire(runner)
+            return []
+        answers = runner.results()
+        if not answers or r is None:
+            return []  # EOF: its pidfd reports the death
+        [(key, data)] = answers  # one call at a time
+        del self._busy[runner.pid]
+        del self.running[runner.pidfd]
+        self._copy_runner_output(runner, r)
+        r.log.close()
+        if runner.calls >= RECYCLE_AFTER or self.draining:
+            self._retire(runner)
+        else:
+            self._idle.setdefault(self._workdir(r.lease), []).append(runner)
+        return [self._call_outcome(r, data)]
+
+    def _call_outcome(self, r: _Running, data: bytes) -> Outcome:
+        from jobfleet.api import wire
+
+        lease = r.lease
+        done, value = wire.outcome_value(data)
+        status = "succeeded" if done else "failed"
+        reason = None if done else f"{getattr(value, 'type_name', type(value).__name__)}: {value}"
+        stored = wire.envelope(self.blobs, data,
+                               f"results/{lease.run_id}/{lease.seq}-{lease.attempt}.pkl")
+        self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
+        return Outcome(lease.key, lease.token, status, reason=reason and reason.splitlines()[0],
+                       log=r.log.key if r.log.written else None, result=stored)
+
+    def _copy_runner_output(self, runner: Runner, r: _Running | None) -> None:
+        while True:
+            try:
+                data = os.read(runner.out, _CHUNK)
+            except BlockingIOError:
+                return
+            if not data:
+                return
+            if r is not None:
+                r.log.write(data)
+
+    def _call_died(self, r: _Running) -> Outcome:
+        runner = r.child
+        assert isinstance(runner, Runner)
+        self._copy_runner_output(runner, r)
+        r.log.close()
+        del self._busy[runner.pid]
+        code, sig = self._retire(runner)
+        lease = r.lease
+        how = f"killed by signal {sig}" if sig is not None else f"exited with status {code}"
+        status, reason = "failed", f"the Python process running the call died ({how})"
+        if r.stopping == "timeout":
+            reason = f"timed out after {lease.spec.timeout:g}s"
+        elif r.stopping == "cancelled":
+            status, reason = "cancelled", "cancelled by user"
+        elif r.stopping == "drain":
+            status, reason = "released", "worker stopped before the job finished"
+        elif r.stopping == "lost":
+            reason = "lease lost"
+        self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
+        return Outcome(lease.key, lease.token, status, exit_code=code, signal=sig, reason=reason,
+                       log=r.log.key if r.log.written else None)
+
+    def _retire(self, runner: Runner) -> tuple[int | None, int | None]:
+        for fd in (runner.pidfd, runner.from_runner, runner.out):
+            if self._runner_fds.pop(fd, None) is not None:
+                with contextlib.suppress(KeyError):  # a busy one's pidfd is unregistered already
+                    self._poller.unregister(fd)
+        for idle in self._idle.values():
+            if runner in idle:
+                idle.remove(runner)
+        return runner.reap()
+
+    def _stop_runners(self) -> None:
+        for idle in list(self._idle.values()):
+            for runner in list(idle):
+                self._retire(runner)
+
     # -- stopping ---------------------------------------------------------------------------
     def _kill(self, r: _Running, why: str, now: float) -> None:
         """TERM the attempt's group now and KILL it after the grace period."""
@@ -358,6 +474,8 @@ class Worker:
                 self._kill(r, "timeout", now)
 
     def _reaped(self, r: _Running) -> Outcome:
+        if isinstance(r.child, Runner):
+            return self._call_died(r)
         code, sig, peak = r.child.reap()
         self._copy_output(r, final=True)
         lease, spec = r.lease, r.lease.spec

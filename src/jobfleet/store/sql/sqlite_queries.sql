@@ -14,7 +14,7 @@ FROM jobs j LEFT JOIN attempts a ON a.job_id = j.id AND a.number = j.attempts
 -- this call joined to the job's key. {run_filter} is empty or limits the query to one run.
 UPDATE jobs SET state = 'running', attempts = attempts + 1, worker_id = :worker,
     lease_token = :token || '.' || id, lease_expires = :expires, started_at = :now,
-    exit_code = NULL, signal = NULL, reason = NULL, finished_at = NULL
+    exit_code = NULL, signal = NULL, reason = NULL, finished_at = NULL, result = NULL
 WHERE id IN (
     SELECT id FROM (
         SELECT id, sum(cpus) OVER w AS c, sum(memory) OVER w AS m, sum(gpus) OVER w AS g
@@ -24,12 +24,12 @@ WHERE id IN (
               ORDER BY id LIMIT :slots)
         WINDOW w AS (ORDER BY id))
     WHERE c <= :cpus AND m <= :memory AND g <= :gpus)
-RETURNING id, run_id, seq, attempts, lease_token, spec
+RETURNING id, run_id, seq, attempts, lease_token, spec, payload
 
 -- name: succeed
 -- The hot path: a fenced success in one statement.
 UPDATE jobs SET state = 'succeeded', lease_token = NULL, lease_expires = NULL,
-    exit_code = ?, finished_at = ?
+    exit_code = ?, finished_at = ?, result = ?
 WHERE id = ? AND lease_token = ? AND state = 'running'
 RETURNING attempts, started_at
 

@@ -1,0 +1,274 @@
+"""`Executor`: concurrent.futures on jobfleet; `submit_map`: a detached run of calls."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor as _Executor
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from typing import Any
+
+from jobfleet.api import wire
+from jobfleet.api.handle import POLL_FAST, POLL_SLOW, Run, connect, start_worker, value_of
+from jobfleet.blobs import Blobs
+from jobfleet.spec.model import JobSpec
+from jobfleet.store import NewRun
+
+_OVERLAP = 1.0
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """Per-call options: resources, limits, attempts and a name shown by the CLI."""
+
+    cpus: float = 1.0
+    memory: int = 0  # bytes
+    timeout: float | None = None  # seconds
+    max_attempts: int = 1  # a Python exception is not retried; a lost worker is, when > 1
+    name: str | None = None
+
+
+def _spec(fn: Callable[..., Any], opts: CallOptions, what: str) -> JobSpec:
+    label = getattr(fn, "__qualname__", None) or type(fn).__name__
+    return JobSpec(command=f"python: {label}({what})", name=opts.name, cpus=opts.cpus,
+                   memory=opts.memory, timeout=opts.timeout, max_attempts=opts.max_attempts)
+
+
+class _Calls:
+    """Pickles calls of one function: the function once into the blob store, then arguments."""
+
+    def __init__(self, blobs: Blobs) -> None:
+        self.blobs = blobs
+        self._digests: dict[int, tuple[Callable[..., Any], str]] = {}
+        self._n = 0
+
+    def payload(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                run_id: str) -> bytes:
+        known = self._digests.get(id(fn))
+        if known is None or known[0] is not fn:
+            known = (fn, wire.store_function(self.blobs, fn))
+            self._digests[id(fn)] = known
+        self._n += 1
+        call = wire.envelope(self.blobs, wire.dumps((args, kwargs)),
+                             f"payloads/{run_id}/{self._n}.pkl")
+        return known[1].encode() + b"\n" + call
+
+
+def _apply_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
+    return [fn(*args) for args in chunk]
+
+
+class Executor(_Executor):
+    """Run Python calls as jobfleet jobs: durable, logged, on local workers or a fleet.
+
+    `workers`: slots of the local worker started for this executor (default: CPU count);
+    0 starts none (workers elsewhere serve the store). `store`/`blobs`: as for the CLI.
+    """
+
+    def __init__(self, workers: int | None = None, *, store: str | None = None,
+                 blobs: str | None = None, name: str | None = None, **options: Any) -> None:
+        self._store, self._blobs = connect(store, blobs)
+        self._workers = (os.cpu_count() or 1) if workers is None else workers
+        self._name = name
+        self._defaults = CallOptions(**options)
+        self._calls = _Calls(self._blobs)
+        self.run_id: str | None = None
+        self._lock = threading.Condition()
+        self._queue: list[tuple[JobSpec, Callable[..., Any], tuple[Any, ...], dict[str, Any],
+                                Future[Any]]] = []
+        self._futures: dict[int, Future[Any]] = {}  # by seq, until done
+        self._cancels: list[int] = []
+        self._shutdown = False
+        self._worker: Any = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    # -- concurrent.futures -----------------------------------------------------------------
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._submit(fn, args, kwargs, self._defaults)
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[Any]:
+        return self._map(fn, iterables, timeout, chunksize, self._defaults)
+
+    def options(self, **options: Any) -> _Bound:
+        """This executor with other per-call options (cpus, memory, timeout, max_attempts, name)."""
+        return _Bound(self, replace(self._defaults, **options))
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            if cancel_futures:
+                for _, _, _, _, f in self._queue:
+                    f.cancel()
+                self._queue.clear()
+                for f in list(self._futures.values()):
+                    f.cancel()
+            self._lock.notify_all()
+        if wait and self._thread is not None:
+            self._thread.join()
+
+    # -- the work -----------------------------------------------------------------------------
+    def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                opts: CallOptions, what: str = "...") -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot submit after shutdown")
+            self._queue.append((_spec(fn, opts, what), fn, args, kwargs, future))
+            self._start_thread()
+            self._lock.notify_all()
+        return future
+
+    def _map(self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...],
+             timeout: float | None, chunksize: int, opts: CallOptions) -> Iterator[Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        items = list(zip(*iterables, strict=False))
+        if chunksize > 1:
+            chunks = [items[i:i + chunksize] for i in range(0, len(items), chunksize)]
+            futures = [self._submit(_apply_chunk, (fn, c), {}, opts, f"{len(c)} items")
+                       for c in chunks]
+        else:
+            futures = [self._submit(fn, args, {}, opts) for args in items]
+
+        def results() -> Iterator[Any]:
+            try:
+                for f in futures:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    value = f.result(left)
+                    if chunksize > 1:
+                        yield from value
+                    else:
+                        yield value
+            finally:
+                for f in futures:
+                    f.cancel()
+        return results()
+
+    def _start_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="jobfleet-executor", daemon=True)
+            self._thread.start()
+
+    def _serve(self) -> None:
+        """Store what was submitted, start a worker, and resolve futures as jobs end."""
+        since, delay = 0.0, POLL_FAST
+        try:
+            while True:
+                with self._lock:
+                    batch, self._queue = self._queue, []
+                    cancels, self._cancels = self._cancels, []
+                    if not batch and not self._futures and self._shutdown:
+                        return
+                if batch:
+                    self._store_batch(batch)
+                for seq in cancels:
+                    self._store.cancel(self.run_id or "", self._store.job(f"{self.run_id}-{seq}").key)
+                found = self._collect(since)
+                if found:
+                    since = max(since, found - _OVERLAP)
+                    delay = POLL_FAST
+                else:
+                    delay = min(POLL_SLOW, delay * 1.5)
+                with self._lock:
+                    if not self._queue and not self._cancels:
+                        self._lock.wait(delay)
+        except BaseException as e:  # noqa: BLE001  (every waiting future gets the error)
+            with self._lock:
+                for f in self._futures.values():
+                    if not f.done():
+                        f.set_exception(e)
+                for _, _, _, _, f in self._queue:
+                    f.set_exception(e)
+                self._futures.clear()
+                self._queue.clear()
+
+    def _store_batch(self, batch: list[Any]) -> None:
+        jobs = [spec for spec, *_ in batch]
+        first: int | None = None
+        if self.run_id is None:
+            first, run_id = 1, os.urandom(4).hex()
+        else:
+            run_id = self.run_id
+        payloads = [self._calls.payload(fn, args, kwargs, run_id) for _, fn, args, kwargs, _ in batch]
+        if self.run_id is None:
+            self._store.submit(NewRun(name=self._name, source="python",
+                                      workdir=os.getcwd(), id=run_id), jobs, payloads)
+            self.run_id = run_id
+        else:
+            first = self._store.append(run_id, jobs, payloads)
+        assert first is not None
+        with self._lock:
+            for seq, (*_, future) in enumerate(batch, first):
+                self._futures[seq] = future
+                future.add_done_callback(lambda f, seq=seq: self._on_done(f, seq))
+        if self._workers and (self._worker is None or self._worker.poll() is not None):
+            self._worker = start_worker(self._store, self._blobs, run_id, self._workers)
+
+    def _on_done(self, future: Future[Any], seq: int) -> None:
+        if future.cancelled():
+            with self._lock:
+                if seq in self._futures:
+                    self._cancels.append(seq)
+                    del self._futures[seq]
+
+    def _collect(self, since: float) -> float:
+        """Resolve the futures of jobs that ended; returns the latest end seen (0 if none)."""
+        if self.run_id is None or not self._futures:
+            return 0.0
+        latest = 0.0
+        for e in self._store.ended(self.run_id, since):
+            with self._lock:
+                future = self._futures.pop(e.seq, None)
+            if future is None:
+                continue
+            latest = max(latest, e.finished_at)
+            ok, value = value_of(self._blobs, f"{self.run_id}-{e.seq}", e)
+            if not future.set_running_or_notify_cancel():
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        return latest
+
+
+class _Bound:
+    """An executor with other per-call options; submit and map as on the executor."""
+
+    def __init__(self, executor: Executor, opts: CallOptions) -> None:
+        self._executor, self._opts = executor, opts
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._executor._submit(fn, args, kwargs, self._opts)
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[Any]:
+        return self._executor._map(fn, iterables, timeout, chunksize, self._opts)
+
+
+def submit_map(fn: Callable[..., Any], items: Iterable[Any], *, name: str | None = None,
+               store: str | None = None, blobs: str | None = None, workers: int | None = None,
+               **options: Any) -> Run:
+    """Store one call of `fn` per item as a new run, start local workers, and return at once.
+
+    The workers run in the background and exit when idle; `jobfleet.attach(run.id)` from any
+    process returns the same run.
+    """
+    db, blob_store = connect(store, blobs)
+    opts = CallOptions(**options)
+    calls = _Calls(blob_store)
+    run_id = os.urandom(4).hex()
+    values = list(items)
+    jobs = [_spec(fn, opts, "...")] * len(values)
+    payloads = (calls.payload(fn, (v,), {}, run_id) for v in values)
+    db.submit(NewRun(name=name, source="python", workdir=os.getcwd(), id=run_id), jobs, payloads)
+    slots = (os.cpu_count() or 1) if workers is None else workers
+    if slots:
+        start_worker(db, blob_store, run_id, slots)
+    return Run(run_id, db, blob_store)
+
+

@@ -1,0 +1,155 @@
+"""`Run`: a handle on a run of Python calls, from the process that submitted it or any other."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from jobfleet.api import wire
+from jobfleet.blobs import Blobs
+from jobfleet.config import load_settings
+from jobfleet.errors import JobfleetError
+from jobfleet.store import Store, open_store
+from jobfleet.store.base import Ended
+
+#: how often a waiting caller looks at the store, seconds (it backs off to the slower one)
+POLL_FAST, POLL_SLOW = 0.005, 0.1
+#: a job is seen as ended if it ended at most this long before the last one seen (commits
+#: are visible in the store moments after the time they record)
+_OVERLAP = 1.0
+#: local workers started for a run exit after this long without work, seconds
+IDLE_EXIT = 3.0
+
+
+class CallFailed(Exception):
+    """A call failed without an exception of its own: its interpreter died, it timed out, ..."""
+
+    def __init__(self, job: str, reason: str | None) -> None:
+        super().__init__(f"job {job} failed: {reason or 'no reason recorded'}")
+        self.job, self.reason = job, reason
+
+
+class StillRunning(JobfleetError):
+    """The run still has jobs queued or running."""
+
+
+def connect(store: str | None, blobs: str | None) -> tuple[Store, Blobs]:
+    s = load_settings({"store": store, "blobs": blobs})
+    return open_store(s.store), Blobs(s.blobs)
+
+
+def start_worker(store: Store, blobs: Blobs, run_id: str, slots: int) -> subprocess.Popen[bytes]:
+    """A local worker for the run, in its own session: it outlives this process, exits when idle."""
+    log_dir = blobs.root / "workers"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / f"{run_id}.log", "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "jobfleet", "worker", "--run", run_id, "--slots", str(slots),
+             "--idle-exit", str(IDLE_EXIT), "--store", store.url, "--blobs", str(blobs.root)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+
+
+def value_of(blobs: Blobs, job: str, e: Ended) -> tuple[bool, Any]:
+    """(True, value) or (False, exception) for an ended job."""
+    if e.state == "cancelled":
+        from concurrent.futures import CancelledError
+
+        return False, CancelledError(f"job {job} was cancelled")
+    if e.result is None:
+        if e.state == "succeeded":
+            return False, CallFailed(job, "its result was cleaned up")
+        return False, CallFailed(job, e.reason)
+    return wire.outcome_value(wire.open_envelope(blobs, e.result))
+
+
+class Run:
+    """A run of calls: its status, its results in item order or as they come, cancel, cleanup."""
+
+    def __init__(self, run_id: str, store: Store, blobs: Blobs) -> None:
+        self.id, self._store, self._blobs = run_id, store, blobs
+
+    def __repr__(self) -> str:
+        return f"<jobfleet.Run {self.id} {self.status()}>"
+
+    def status(self) -> dict[str, int]:
+        """Jobs by state."""
+        return self._store.counts(self.id)
+
+    def wait(self, timeout: float | None = None) -> dict[str, int]:
+        """Block until no job is queued or running; returns the counts. TimeoutError if not."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = POLL_FAST
+        while self._store.pending(self.id):
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"run {self.id} still has jobs after {timeout}s: {self.status()}")
+            time.sleep(delay)
+            delay = min(POLL_SLOW, delay * 2)
+        return self.status()
+
+    def as_completed(self, timeout: float | None = None) -> Iterator[tuple[int, Any]]:
+        """(item index, value or exception) as jobs end, until all have."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen: set[int] = set()
+        since, delay = 0.0, POLL_FAST
+        total = self._store.run(self.id).total
+        while len(seen) < total:
+            fresh = [e for e in self._store.ended(self.id, since) if e.seq not in seen]
+            for e in sorted(fresh, key=lambda e: e.finished_at):
+                seen.add(e.seq)
+                since = max(since, e.finished_at - _OVERLAP)
+                yield e.seq - 1, value_of(self._blobs, f"{self.id}-{e.seq}", e)[1]
+            if fresh:
+                delay = POLL_FAST
+                continue
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"run {self.id}: {total - len(seen)} jobs not done after {timeout}s")
+            time.sleep(delay)
+            delay = min(POLL_SLOW, delay * 2)
+
+    def results(self, ordered: bool = True, *, raise_errors: bool = False,
+                timeout: float | None = None) -> list[Any]:
+        """Every item's value after waiting for the run; a failed item is its exception object,
+        or with `raise_errors` the first failure (in item order) is raised."""
+        self.wait(timeout)
+        ended = sorted(self._store.ended(self.id),
+                       key=(lambda e: e.seq) if ordered else (lambda e: e.finished_at))
+        values = []
+        for e in ended:
+            ok, value = value_of(self._blobs, f"{self.id}-{e.seq}", e)
+            if not ok and raise_errors:
+                raise value
+            values.append(value)
+        return values
+
+    def cancel(self) -> tuple[int, int]:
+        """Cancel queued calls and ask workers to stop running ones; (cancelled, asked)."""
+        return self._store.cancel(self.id)
+
+    def cleanup(self, force: bool = False) -> int:
+        """Remove the run's stored calls and results; returns how many blobs were removed.
+
+        Refused while jobs are queued or running, unless `force`, which cancels them first.
+        """
+        pending = self._store.pending(self.id) or 0
+        if pending and not force:
+            raise StillRunning(f"run {self.id} still has {pending} jobs queued or running",
+                               hint="wait() first, or cleanup(force=True) to cancel them")
+        if pending:
+            self.cancel()
+        self._store.clear_results(self.id)
+        return sum(self._blobs.delete_prefix(f"{kind}/{self.id}") for kind in ("payloads", "results"))
+
+
+def attach(run_id: str, *, store: str | None = None, blobs: str | None = None) -> Run:
+    """The run with this id (or unique prefix), as `submit_map` returned it."""
+    db, blob_store = connect(store, blobs)
+    return Run(db.run(run_id).id, db, blob_store)
+
+
+def runs(*, store: str | None = None, blobs: str | None = None, limit: int = 50) -> list[Run]:
+    """The store's runs, newest first."""
+    db, blob_store = connect(store, blobs)
+    return [Run(r.id, db, blob_store) for r in db.runs(limit)]
