@@ -14,7 +14,7 @@ from typing import Any
 from jobfleet.api import wire
 from jobfleet.api.handle import POLL_FAST, POLL_SLOW, Run, connect, start_worker, value_of
 from jobfleet.blobs import Blobs
-from jobfleet.spec.model import JobSpec
+from jobfleet.spec.model import JobSpec, parse_duration, parse_size
 from jobfleet.store import NewRun
 
 _OVERLAP = 1.0
@@ -25,14 +25,25 @@ class CallOptions:
     """Per-call options: resources, limits, attempts and a name shown by the CLI."""
 
     cpus: float = 1.0
-    memory: int = 0  # bytes
-    timeout: float | None = None  # seconds
+    memory: int | str = 0  # bytes, or a size such as "2GB"
+    timeout: float | str | None = None  # seconds, or a duration such as "5m"
     max_attempts: int = 1  # a Python exception is not retried; a lost worker is, when > 1
     name: str | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "memory", parse_size(self.memory))
+            if self.timeout is not None:
+                object.__setattr__(self, "timeout", parse_duration(self.timeout))
+        except ValueError as e:
+            raise ValueError(f"jobfleet call options: {e}") from None
+        if self.max_attempts < 1:
+            raise ValueError("jobfleet call options: max_attempts must be at least 1")
 
 
 def _spec(fn: Callable[..., Any], opts: CallOptions, what: str) -> JobSpec:
     label = getattr(fn, "__qualname__", None) or type(fn).__name__
+    assert isinstance(opts.memory, int) and not isinstance(opts.timeout, str)
     return JobSpec(command=f"python: {label}({what})", name=opts.name, cpus=opts.cpus,
                    memory=opts.memory, timeout=opts.timeout, max_attempts=opts.max_attempts)
 
