@@ -12,12 +12,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from jobfleet.api import wire
-from jobfleet.api.handle import POLL_FAST, POLL_SLOW, Run, connect, start_worker, value_of
+from jobfleet.api.handle import OVERLAP, POLL_FAST, Run, connect, next_poll, start_worker, value_of
 from jobfleet.blobs import Blobs
 from jobfleet.spec.model import JobSpec, parse_duration, parse_size
 from jobfleet.store import NewRun
-
-_OVERLAP = 1.0
 
 
 @dataclass(frozen=True)
@@ -179,11 +177,8 @@ class Executor(_Executor):
                 for seq in cancels:
                     self._store.cancel(self.run_id or "", self._store.job(f"{self.run_id}-{seq}").key)
                 found = self._collect(since)
-                if found:
-                    since = max(since, found - _OVERLAP)
-                    delay = POLL_FAST
-                else:
-                    delay = min(POLL_SLOW, delay * 1.5)
+                since = max(since, found - OVERLAP)
+                delay = next_poll(delay, bool(found))
                 with self._lock:
                     if not self._queue and not self._cancels:
                         self._lock.wait(delay)

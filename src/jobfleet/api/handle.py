@@ -15,11 +15,17 @@ from jobfleet.errors import JobfleetError
 from jobfleet.store import Store, open_store
 from jobfleet.store.base import Ended
 
-#: how often a waiting caller looks at the store, seconds (it backs off to the slower one)
-POLL_FAST, POLL_SLOW = 0.005, 0.1
-#: a job is seen as ended if it ended at most this long before the last one seen (commits
-#: are visible in the store moments after the time they record)
-_OVERLAP = 1.0
+#: how often a waiting caller looks at the store, seconds: soon after a quiet spell, every
+#: POLL_BUSY while jobs keep ending (each look reads what ended in the last OVERLAP), backing
+#: off to POLL_SLOW while nothing does
+POLL_FAST, POLL_BUSY, POLL_SLOW = 0.005, 0.02, 0.1
+#: a job is looked for until this long after the last end seen: stores record the end time
+#: inside the transaction that commits it, so a commit is visible moments after that time
+OVERLAP = 0.25
+
+
+def next_poll(delay: float, found: bool) -> float:
+    return POLL_BUSY if found else min(POLL_SLOW, max(POLL_FAST, delay * 1.5))
 #: local workers started for a run exit after this long without work, seconds
 IDLE_EXIT = 3.0
 
@@ -86,7 +92,7 @@ class Run:
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"run {self.id} still has jobs after {timeout}s: {self.status()}")
             time.sleep(delay)
-            delay = min(POLL_SLOW, delay * 2)
+            delay = next_poll(delay, False)
         return self.status()
 
     def as_completed(self, timeout: float | None = None) -> Iterator[tuple[int, Any]]:
@@ -99,15 +105,14 @@ class Run:
             fresh = [e for e in self._store.ended(self.id, since) if e.seq not in seen]
             for e in sorted(fresh, key=lambda e: e.finished_at):
                 seen.add(e.seq)
-                since = max(since, e.finished_at - _OVERLAP)
+                since = max(since, e.finished_at - OVERLAP)
                 yield e.seq - 1, value_of(self._blobs, f"{self.id}-{e.seq}", e)[1]
-            if fresh:
-                delay = POLL_FAST
-                continue
+            if len(seen) == total:
+                break
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"run {self.id}: {total - len(seen)} jobs not done after {timeout}s")
+            delay = next_poll(delay, bool(fresh))
             time.sleep(delay)
-            delay = min(POLL_SLOW, delay * 2)
 
     def results(self, ordered: bool = True, *, raise_errors: bool = False,
                 timeout: float | None = None) -> list[Any]:

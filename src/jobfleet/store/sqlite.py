@@ -210,8 +210,8 @@ class SQLiteStore(Store):
         lease_seconds: float,
         run_id: str | None = None,
     ) -> tuple[list[int], list[Lease]]:
-        now = self.clock()
         with self._tx() as c:
+            now = self.clock()  # taken holding the lock: readers see it committed at once
             stale = self._finish(c, now, worker_id, outcomes)
             leases = self._lease(c, now, worker_id, free, lease_seconds, run_id)
         return stale, leases
@@ -277,8 +277,8 @@ class SQLiteStore(Store):
             " AND worker_id = ?", (worker_id,)))
 
     def finish(self, worker_id: str, outcomes: Sequence[Outcome]) -> list[int]:
-        now = self.clock()
         with self._tx() as c:
+            now = self.clock()
             return self._finish(c, now, worker_id, outcomes)
 
     def _finish(
