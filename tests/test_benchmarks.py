@@ -87,3 +87,23 @@ def test_a_jobfleet_run_that_did_not_do_the_work_stops_the_benchmark(tmp_path: P
     assert p.returncode == 2, p.stdout + p.stderr
     assert "no store" in p.stderr
     assert not out.exists()
+
+
+CALLS = ROOT / "benchmarks" / "calls.py"
+
+
+def test_calls_smoke_run_times_jobfleet_against_ray_and_a_process_pool(tmp_path: Path) -> None:
+    out = tmp_path / "calls.json"
+    # Ray runs if an interpreter here can import it (see --ray-python), else it is skipped
+    p = subprocess.run([sys.executable, str(CALLS), "--calls", "200", "--repeat", "1", "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, f"stdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+    rows = {line.split()[0]: line.split()[1:] for line in p.stdout.splitlines()
+            if line.startswith("  ") and line.split()[0] in ("jobfleet", "ray", "processpool")}
+    assert "jobfleet" in rows and "processpool" in rows, p.stdout
+    assert float(rows["jobfleet"][0]) > 0 and float(rows["jobfleet"][2]) > 0, rows["jobfleet"]
+    assert "ray" in rows or "skipping ray" in p.stdout, p.stdout
+    report: dict[str, Any] = json.loads(out.read_text())
+    assert set(report["results"]) == set(rows)
+    assert report["results"]["jobfleet"]["map_seconds"][0] > 0
+    assert set(report["ratios"]) == {f"{name}/jobfleet" for name in rows if name != "jobfleet"}
