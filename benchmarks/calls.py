@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import SUBJECT, BenchmarkError, clean_env, finish, machine, ratio_text
+
 SCRIPT = Path(__file__).resolve()
 RESULTS = SCRIPT.parent / "results"
 DEFAULT_JSON = RESULTS / "calls.json"
@@ -44,7 +46,6 @@ DEFAULT_JSON = RESULTS / "calls.json"
 RAY_VENV = RESULTS / ".rayenv"
 #: tried in this order when --ray-python is not given (after the current interpreter)
 RAY_PYTHONS = (Path("/tmp/rayenv/bin/python"), RAY_VENV / "bin" / "python")
-SUBJECT = "jobfleet"
 TOOLS = (SUBJECT, "ray", "processpool")
 #: the peer the project's target is stated against (on the map-only time)
 TARGET_PEER = "ray"
@@ -57,10 +58,6 @@ WORKER_EXIT_WAIT = 20.0
 def inc(x: int) -> int:
     """The call every tool makes N times; in the child this is `__main__.inc`."""
     return x + 1
-
-
-class BenchmarkError(Exception):
-    """A tool failed, or its result cannot be trusted; the benchmark stops."""
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -253,9 +250,8 @@ class Tool:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def clean_env(tool: str = "") -> dict[str, str]:
-    """This environment without JOBFLEET_* settings, which would change what is measured."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBFLEET_")}
+def env_for(tool: str) -> dict[str, str]:
+    env = clean_env()
     if tool == "ray":
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report sent home from ray.init
     return env
@@ -279,7 +275,7 @@ def ray_version(python: str) -> tuple[str | None, str]:
     """(Ray's version, "") if `python` can import ray, else (None, why not)."""
     try:
         p = subprocess.run([python, "-c", "import ray; print(ray.__version__)"], capture_output=True,
-                           text=True, timeout=180, stdin=subprocess.DEVNULL, env=clean_env("ray"))
+                           text=True, timeout=180, stdin=subprocess.DEVNULL, env=env_for("ray"))
     except (OSError, subprocess.TimeoutExpired) as e:
         return None, str(e)
     if p.returncode != 0:
@@ -378,7 +374,7 @@ def run_once(tool: Tool, n: int, workers: int, scratch: Path, timeout: float) ->
         with tempfile.TemporaryFile() as output:  # Ray logs a lot: shown only when the run fails
             launched = time.time()
             proc = subprocess.Popen(argv, cwd=folder, stdin=subprocess.DEVNULL, stdout=output,
-                                    stderr=subprocess.STDOUT, env=clean_env(tool.name),
+                                    stderr=subprocess.STDOUT, env=env_for(tool.name),
                                     start_new_session=True)
             failure = None
             try:
@@ -430,22 +426,6 @@ def summarise(samples: list[Sample], n: int) -> dict[str, Any]:
             "exit_seconds": [s.exit_seconds for s in samples],
             "runs": [s.details for s in samples]}
 
-
-def machine() -> dict[str, Any]:
-    model = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {"cpu_count": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
-            "kernel": f"{platform.system()} {platform.release()}", "machine": platform.machine(),
-            "load_average": os.getloadavg(),
-            "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE")}
-
-
-def ratio_text(peer: str, ratio: float) -> str:
-    return f"{peer}/{SUBJECT} = {ratio:.2f}x"
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -546,20 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["_child"]:
         return child_main(args[1:])
     a = parse_args(args)
-    try:
-        report = benchmark(a)
-    except BenchmarkError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    ok = True
-    if a.check_ratio is not None:
-        ok, why = check_ratio(report, a.check_ratio)
-        report["check"] = {"ratio": a.check_ratio, "passed": ok, "why": why}
-        print(why, file=sys.stdout if ok else sys.stderr)
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nresults written to {a.json}")
-    return 0 if ok else 1
+    return finish(a, benchmark, check_ratio)
 
 
 if __name__ == "__main__":

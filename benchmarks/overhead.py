@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import compileall
 import contextlib
-import json
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -31,19 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import SUBJECT, BenchmarkError, clean_env, finish, machine, ratio_text
+
 WORKLOADS = {"true": "true", "sleep": "sleep 0.01", "echo": "echo jobfleet-bench"}
 #: what a workload prints: every attempt's log must hold exactly this (none: no log file)
 OUTPUT = {"echo": b"jobfleet-bench\n"}
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "overhead.json"
-SUBJECT = "jobfleet"
 #: the peer and workload the project's target is stated against
 TARGET_PEER, TARGET_WORKLOAD = "parallel", "true"
 #: where the jobfleet wall time goes, in order; each is a span between two recorded instants
 PHASES = ("startup", "jobs", "teardown")
-
-
-class BenchmarkError(Exception):
-    """A tool failed, or its result cannot be trusted; the benchmark stops."""
 
 
 @dataclass
@@ -146,11 +141,6 @@ def argv_of(tool: Tool, slots: int, store: str = "<tmp>/jobfleet.db", blobs: str
 
 
 # -- running ------------------------------------------------------------------------------------
-
-
-def clean_env() -> dict[str, str]:
-    """This environment without JOBFLEET_* settings, which would change what is measured."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("JOBFLEET_")}
 
 
 def timed(argv: Sequence[str], *, cwd: Path, stdin: Path | None, timeout: float,
@@ -291,24 +281,6 @@ def summarise(samples: list[Sample], n: int) -> dict[str, Any]:
     return entry
 
 
-def machine() -> dict[str, Any]:
-    model = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu_count": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
-        "kernel": f"{platform.system()} {platform.release()}", "machine": platform.machine(),
-        "load_average": os.getloadavg(),
-        "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"),
-    }
-
-
-def ratio_text(peer: str, ratio: float) -> str:
-    return f"{peer}/{SUBJECT} = {ratio:.1f}x"
-
 
 def print_table(workload: str, command: str, result: dict[str, Any], n: int, repeat: int,
                 slots: int) -> None:
@@ -432,20 +404,7 @@ def check_ratio(report: dict[str, Any], target: float) -> tuple[bool, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
-    try:
-        report = benchmark(a)
-    except BenchmarkError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    ok = True
-    if a.check_ratio is not None:
-        ok, why = check_ratio(report, a.check_ratio)
-        report["check"] = {"ratio": a.check_ratio, "passed": ok, "why": why}
-        print(why, file=sys.stdout if ok else sys.stderr)
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nresults written to {a.json}")
-    return 0 if ok else 1
+    return finish(a, benchmark, check_ratio)
 
 
 if __name__ == "__main__":

@@ -179,7 +179,9 @@ def test_cleanup_refuses_while_calls_run(jf: Jobfleet) -> None:
 
         if __name__ == "__main__":
             run = jobfleet.submit_map(nap, [30], workers=1)
+            deadline = time.monotonic() + 30
             while run.status()["running"] == 0:
+                assert time.monotonic() < deadline, "the call never started"
                 time.sleep(0.05)
             try:
                 run.cleanup()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -15,7 +16,7 @@ from jobfleet.api import wire
 from jobfleet.api.handle import OVERLAP, POLL_FAST, Run, connect, next_poll, start_worker, value_of
 from jobfleet.blobs import Blobs
 from jobfleet.spec.model import JobSpec, parse_duration, parse_size
-from jobfleet.store import NewRun
+from jobfleet.store import NewRun, Store
 
 
 @dataclass(frozen=True)
@@ -23,25 +24,29 @@ class CallOptions:
     """Per-call options: resources, limits, attempts and a name shown by the CLI."""
 
     cpus: float = 1.0
-    memory: int | str = 0  # bytes, or a size such as "2GB"
-    timeout: float | str | None = None  # seconds, or a duration such as "5m"
+    memory: int = 0  # bytes
+    timeout: float | None = None  # seconds
     max_attempts: int = 1  # a Python exception is not retried; a lost worker is, when > 1
     name: str | None = None
 
-    def __post_init__(self) -> None:
+    def but(self, **changes: Any) -> CallOptions:
+        """These options with `changes`; memory and timeout may be written as in job files
+        ("2GB", "5m")."""
         try:
-            object.__setattr__(self, "memory", parse_size(self.memory))
-            if self.timeout is not None:
-                object.__setattr__(self, "timeout", parse_duration(self.timeout))
+            if "memory" in changes:
+                changes["memory"] = parse_size(changes["memory"])
+            if changes.get("timeout") is not None:
+                changes["timeout"] = parse_duration(changes["timeout"])
         except ValueError as e:
             raise ValueError(f"jobfleet call options: {e}") from None
-        if self.max_attempts < 1:
+        opts = replace(self, **changes)
+        if opts.max_attempts < 1:
             raise ValueError("jobfleet call options: max_attempts must be at least 1")
+        return opts
 
 
-def _spec(fn: Callable[..., Any], opts: CallOptions, what: str) -> JobSpec:
+def _spec(fn: Callable[..., Any], opts: CallOptions, what: str = "...") -> JobSpec:
     label = getattr(fn, "__qualname__", None) or type(fn).__name__
-    assert isinstance(opts.memory, int) and not isinstance(opts.timeout, str)
     return JobSpec(command=f"python: {label}({what})", name=opts.name, cpus=opts.cpus,
                    memory=opts.memory, timeout=opts.timeout, max_attempts=opts.max_attempts)
 
@@ -70,6 +75,15 @@ def _apply_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[A
     return [fn(*args) for args in chunk]
 
 
+def _local_slots(workers: int | None) -> int:
+    return (os.cpu_count() or 1) if workers is None else workers
+
+
+def _new_run(db: Store, run_id: str, name: str | None, jobs: list[JobSpec],
+             payloads: Iterable[bytes]) -> None:
+    db.submit(NewRun(name=name, source="python", workdir=os.getcwd(), id=run_id), jobs, payloads)
+
+
 class Executor(_Executor):
     """Run Python calls as jobfleet jobs: durable, logged, on local workers or a fleet.
 
@@ -80,9 +94,9 @@ class Executor(_Executor):
     def __init__(self, workers: int | None = None, *, store: str | None = None,
                  blobs: str | None = None, name: str | None = None, **options: Any) -> None:
         self._store, self._blobs = connect(store, blobs)
-        self._workers = (os.cpu_count() or 1) if workers is None else workers
+        self._workers = _local_slots(workers)
         self._name = name
-        self._defaults = CallOptions(**options)
+        self._defaults = CallOptions().but(**options)
         self._calls = _Calls(self._blobs)
         self.run_id: str | None = None
         self._lock = threading.Condition()
@@ -91,13 +105,12 @@ class Executor(_Executor):
         self._futures: dict[int, Future[Any]] = {}  # by seq, until done
         self._cancels: list[int] = []
         self._shutdown = False
-        self._worker: Any = None
+        self._worker: subprocess.Popen[bytes] | None = None
         self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
 
     # -- concurrent.futures -----------------------------------------------------------------
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self._submit(fn, args, kwargs, self._defaults)
+        return self._submit(_spec(fn, self._defaults), fn, args, kwargs)
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int = 1) -> Iterator[Any]:
@@ -105,7 +118,7 @@ class Executor(_Executor):
 
     def options(self, **options: Any) -> _Bound:
         """This executor with other per-call options (cpus, memory, timeout, max_attempts, name)."""
-        return _Bound(self, replace(self._defaults, **options))
+        return _Bound(self, self._defaults.but(**options))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
@@ -121,13 +134,13 @@ class Executor(_Executor):
             self._thread.join()
 
     # -- the work -----------------------------------------------------------------------------
-    def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                opts: CallOptions, what: str = "...") -> Future[Any]:
+    def _submit(self, spec: JobSpec, fn: Callable[..., Any], args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> Future[Any]:
         future: Future[Any] = Future()
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot submit after shutdown")
-            self._queue.append((_spec(fn, opts, what), fn, args, kwargs, future))
+            self._queue.append((spec, fn, args, kwargs, future))
             self._start_thread()
             self._lock.notify_all()
         return future
@@ -138,10 +151,11 @@ class Executor(_Executor):
         items = list(zip(*iterables, strict=False))
         if chunksize > 1:
             chunks = [items[i:i + chunksize] for i in range(0, len(items), chunksize)]
-            futures = [self._submit(_apply_chunk, (fn, c), {}, opts, f"{len(c)} items")
+            futures = [self._submit(_spec(fn, opts, f"{len(c)} items"), _apply_chunk, (fn, c), {})
                        for c in chunks]
         else:
-            futures = [self._submit(fn, args, {}, opts) for args in items]
+            spec = _spec(fn, opts)
+            futures = [self._submit(spec, fn, args, {}) for args in items]
 
         def results() -> Iterator[Any]:
             try:
@@ -174,8 +188,9 @@ class Executor(_Executor):
                         return
                 if batch:
                     self._store_batch(batch)
-                for seq in cancels:
-                    self._store.cancel(self.run_id or "", self._store.job(f"{self.run_id}-{seq}").key)
+                for seq in cancels:  # futures exist only for stored jobs: run_id is set
+                    job = self._store.job(f"{self.run_id}-{seq}")
+                    self._store.cancel(job.run_id, job.key)
                 found = self._collect(since)
                 since = max(since, found - OVERLAP)
                 delay = next_poll(delay, bool(found))
@@ -194,19 +209,13 @@ class Executor(_Executor):
 
     def _store_batch(self, batch: list[Any]) -> None:
         jobs = [spec for spec, *_ in batch]
-        first: int | None = None
-        if self.run_id is None:
-            first, run_id = 1, os.urandom(4).hex()
-        else:
-            run_id = self.run_id
+        run_id = self.run_id or os.urandom(4).hex()
         payloads = [self._calls.payload(fn, args, kwargs, run_id) for _, fn, args, kwargs, _ in batch]
         if self.run_id is None:
-            self._store.submit(NewRun(name=self._name, source="python",
-                                      workdir=os.getcwd(), id=run_id), jobs, payloads)
-            self.run_id = run_id
+            _new_run(self._store, run_id, self._name, jobs, payloads)
+            self.run_id, first = run_id, 1
         else:
             first = self._store.append(run_id, jobs, payloads)
-        assert first is not None
         with self._lock:
             for seq, (*_, future) in enumerate(batch, first):
                 self._futures[seq] = future
@@ -249,7 +258,7 @@ class _Bound:
         self._executor, self._opts = executor, opts
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self._executor._submit(fn, args, kwargs, self._opts)
+        return self._executor._submit(_spec(fn, self._opts), fn, args, kwargs)
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int = 1) -> Iterator[Any]:
@@ -265,14 +274,13 @@ def submit_map(fn: Callable[..., Any], items: Iterable[Any], *, name: str | None
     process returns the same run.
     """
     db, blob_store = connect(store, blobs)
-    opts = CallOptions(**options)
+    opts = CallOptions().but(**options)
     calls = _Calls(blob_store)
     run_id = os.urandom(4).hex()
     values = list(items)
-    jobs = [_spec(fn, opts, "...")] * len(values)
     payloads = (calls.payload(fn, (v,), {}, run_id) for v in values)
-    db.submit(NewRun(name=name, source="python", workdir=os.getcwd(), id=run_id), jobs, payloads)
-    slots = (os.cpu_count() or 1) if workers is None else workers
+    _new_run(db, run_id, name, [_spec(fn, opts)] * len(values), payloads)
+    slots = _local_slots(workers)
     if slots:
         start_worker(db, blob_store, run_id, slots)
     return Run(run_id, db, blob_store)

@@ -301,9 +301,7 @@ class SQLiteStore(Store):
                 stale.append(o.key)
                 continue
             self._settle(c, now, o.key, row[2:], o.status, o.exit_code, o.signal, o.reason,
-                         o.peak_rss, o.log, worker_id)
-            if o.result is not None:
-                c.execute("UPDATE jobs SET result = ? WHERE id = ?", (o.result, o.key))
+                         o.peak_rss, o.log, worker_id, o.result)
         return stale
 
     def _settle(
@@ -319,6 +317,7 @@ class SQLiteStore(Store):
         peak_rss: int | None,
         log: str | None,
         worker_id: str | None,
+        result: bytes | None = None,
     ) -> None:
         """End the running attempt of job `key` with `status` and move the job on."""
         (run_id, attempts, budget_from, max_attempts, retry_on, retry_delay, cancel_req,
@@ -332,10 +331,10 @@ class SQLiteStore(Store):
                 cancel_requested=bool(cancel_req), now=now)
         c.execute(
             "UPDATE jobs SET state = ?, not_before = ?, budget_from = ?, lease_token = NULL,"
-            " lease_expires = NULL, exit_code = ?, signal = ?, reason = ?, finished_at = ?"
-            " WHERE id = ?",
+            " lease_expires = NULL, exit_code = ?, signal = ?, reason = ?, finished_at = ?,"
+            " result = ? WHERE id = ?",
             (state, not_before, budget_from, exit_code, signal, reason,
-             None if state == QUEUED else now, key),
+             None if state == QUEUED else now, result, key),
         )
         c.execute(_Q["add_attempt"], (key, attempts, worker_id, token, status, started_at, now,
                                  exit_code, signal, reason, peak_rss, log))

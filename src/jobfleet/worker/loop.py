@@ -11,7 +11,9 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
+from jobfleet.api import wire
 from jobfleet.blobs import Blobs, LogWriter, log_key
 from jobfleet.sandbox import Child, ProcessSandbox
 from jobfleet.store import Capacity, Lease, Outcome, Store, WorkerInfo
@@ -396,17 +398,13 @@ class Worker:
         return [self._call_outcome(r, data)]
 
     def _call_outcome(self, r: _Running, data: bytes) -> Outcome:
-        from jobfleet.api import wire
-
         lease = r.lease
         done, value = wire.outcome_value(data)
-        status = "succeeded" if done else "failed"
         reason = None if done else f"{getattr(value, 'type_name', type(value).__name__)}: {value}"
         stored = wire.envelope(self.blobs, data,
                                f"results/{lease.run_id}/{lease.seq}-{lease.attempt}.pkl")
-        self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
-        return Outcome(lease.key, lease.token, status, reason=reason and reason.splitlines()[0],
-                       log=r.log.key if r.log.written else None, result=stored)
+        return self._ended(r, "succeeded" if done else "failed",
+                           reason=reason and reason.splitlines()[0], result=stored)
 
     def _copy_runner_output(self, runner: Runner, r: _Running | None) -> None:
         while True:
@@ -426,20 +424,10 @@ class Worker:
         r.log.close()
         del self._busy[runner.pid]
         code, sig = self._retire(runner)
-        lease = r.lease
         how = f"killed by signal {sig}" if sig is not None else f"exited with status {code}"
-        status, reason = "failed", f"the Python process running the call died ({how})"
-        if r.stopping == "timeout":
-            reason = f"timed out after {lease.spec.timeout:g}s"
-        elif r.stopping == "cancelled":
-            status, reason = "cancelled", "cancelled by user"
-        elif r.stopping == "drain":
-            status, reason = "released", "worker stopped before the job finished"
-        elif r.stopping == "lost":
-            reason = "lease lost"
-        self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
-        return Outcome(lease.key, lease.token, status, exit_code=code, signal=sig, reason=reason,
-                       log=r.log.key if r.log.written else None)
+        status, reason = self._stopped(r) or (
+            "failed", f"the Python process running the call died ({how})")
+        return self._ended(r, status, exit_code=code, signal=sig, reason=reason)
 
     def _retire(self, runner: Runner) -> tuple[int | None, int | None]:
         for fd in (runner.pidfd, runner.from_runner, runner.out):
@@ -478,27 +466,39 @@ class Worker:
             return self._call_died(r)
         code, sig, peak = r.child.reap()
         self._copy_output(r, final=True)
-        lease, spec = r.lease, r.lease.spec
+        spec = r.lease.spec
         reason = None
-        if r.stopping == "timeout":
-            status, reason = "failed", f"timed out after {spec.timeout:g}s"
-        elif r.stopping == "cancelled":
-            status, reason = "cancelled", "cancelled by user"
-        elif r.stopping == "drain":
-            status, reason = "released", "worker stopped before the job finished"
-        elif r.stopping == "lost":
-            status, reason = "failed", "lease lost"
+        stopped = self._stopped(r)
+        if stopped:
+            status, reason = stopped
         elif code == 0:
             status = "succeeded"
-            missing = missing_outputs(spec.outputs, self._workdir(lease)) if spec.outputs else []
+            missing = missing_outputs(spec.outputs, self._workdir(r.lease)) if spec.outputs else []
             if missing:
                 status, reason = "failed", f"declared output missing: {', '.join(missing)}"
         else:
             status = "failed"
             reason = f"exit code {code}" if sig is None else f"killed by signal {sig}"
+        return self._ended(r, status, exit_code=code, signal=sig, reason=reason, peak_rss=peak)
+
+    @staticmethod
+    def _stopped(r: _Running) -> tuple[str, str] | None:
+        """(status, reason) of an attempt this worker stopped itself; None if it ended alone."""
+        if r.stopping == "timeout":
+            return "failed", f"timed out after {r.lease.spec.timeout:g}s"
+        if r.stopping == "cancelled":
+            return "cancelled", "cancelled by user"
+        if r.stopping == "drain":
+            return "released", "worker stopped before the job finished"
+        if r.stopping == "lost":
+            return "failed", "lease lost"
+        return None
+
+    def _ended(self, r: _Running, status: str, **recorded: Any) -> Outcome:
+        """The outcome of attempt `r`, counted by status, with its log when it wrote one."""
         self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
-        return Outcome(lease.key, lease.token, status, exit_code=code, signal=sig, reason=reason,
-                       peak_rss=peak, log=r.log.key if r.log.written else None)
+        return Outcome(r.lease.key, r.lease.token, status,
+                       log=r.log.key if r.log.written else None, **recorded)
 
     def _report(self, outcomes: list[Outcome]) -> None:
         self._counted(outcomes, self.store.finish(self.id, outcomes))
