@@ -15,7 +15,7 @@ import pytest
 
 from jobfleet.errors import NotFound, StoreError
 from jobfleet.spec import JobSpec, make_job
-from jobfleet.store import Capacity, NewRun, Outcome, Store, sqlfiles
+from jobfleet.store import UNSTARTED, Capacity, NewRun, Outcome, Store, sqlfiles
 from jobfleet.store.sqlite import SQLiteStore
 
 BIG = Capacity(slots=100, cpus=100, memory=10**12, gpus=8)
@@ -118,6 +118,47 @@ def test_lease_respects_resources(store: Store) -> None:
 def test_lease_sums_resources_of_the_jobs_it_takes(store: Store) -> None:
     submit(store, job(cpus=2), job(cpus=2), job(cpus=2))
     assert len(store.lease("w", Capacity(slots=10, cpus=5, memory=10**9), 60)) == 2
+
+
+def test_lease_ahead_takes_more_jobs_each_fitting_alone(store: Store) -> None:
+    """A worker of short jobs leases some ahead: they need not fit together, only each alone."""
+    submit(store, job(cpus=2), job(cpus=2), job(cpus=2), job(cpus=4), job(cpus=2), job(cpus=2))
+    got = store.lease("w", Capacity(slots=2, cpus=2, memory=10**9), 60,
+                      ahead=Capacity(slots=3, cpus=2, memory=10**9))
+    # one job fits the free capacity; three more are held ahead, skipping the one too big
+    assert [x.seq for x in got] == [1, 2, 3, 5]
+    nothing_free = Capacity(slots=0, cpus=0, memory=0)
+    assert [x.seq for x in store.lease("w", nothing_free, 60,
+                                       ahead=Capacity(1, 8, 10**9))] == [4]
+
+
+def test_an_attempt_records_when_it_really_started(store: Store, clock: Clock) -> None:
+    """A job held ahead starts after its lease; its attempt shows the real start."""
+    run_id = submit(store, job(), job(max_attempts=2))
+    a, b = store.lease("w", BIG, 60)
+    clock.advance(5)
+    store.finish("w", [Outcome(a.key, a.token, "succeeded", exit_code=0,
+                               started_at=clock.now - 1),
+                       Outcome(b.key, b.token, "failed", exit_code=1, started_at=clock.now - 2)])
+    [first] = store.attempts(a.key)
+    [second] = store.attempts(b.key)
+    assert (first.started_at, second.started_at) == (clock.now - 1, clock.now - 2)
+    assert store.job(f"{run_id}-1").started_at == clock.now - 1
+
+
+def test_a_job_handed_back_unstarted_leaves_no_attempt(store: Store) -> None:
+    run_id = submit(store, job(max_attempts=1), job())
+    a, b = store.lease("w", BIG, 60)
+    store.cancel(run_id, b.key)  # asked while b was held
+    assert store.finish("w", [Outcome(a.key, a.token, UNSTARTED),
+                              Outcome(b.key, b.token, UNSTARTED)]) == []
+    first, second = store.jobs(run_id)
+    assert (first.state, first.attempts, store.attempts(a.key)) == ("queued", 0, [])
+    assert (second.state, second.attempts, second.reason) == ("cancelled", 0, "cancelled by user")
+    # the job's one attempt is still there to use
+    (again,) = store.lease("w", BIG, 60)
+    assert (again.key, again.attempt) == (a.key, 1)
+    assert store.finish("w", [Outcome(a.key, a.token, UNSTARTED)]) == [a.key]  # stale token
 
 
 def test_lease_can_be_limited_to_one_run(store: Store) -> None:

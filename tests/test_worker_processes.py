@@ -140,6 +140,30 @@ def test_second_sigterm_releases_the_running_job(jf: Jobfleet, tmp_path: Path,
     assert jf.log(run, 1, job["attempts"]) == "second\n"
 
 
+def test_drain_hands_back_the_short_jobs_held_ahead(jf: Jobfleet, tmp_path: Path) -> None:
+    """A worker of short jobs leases some ahead; drained, it returns them unstarted."""
+    n = 3000
+    write_csv(tmp_path / "jobs.csv", ["command"], [["true"]] * n)
+    run = jf.submit("jobs.csv")
+    worker = jf.popen("worker", "--slots", "2")
+    with jf.open_store() as db:
+        wait_for(lambda: db.counts(run)["succeeded"] >= 300, 30, interval=0.01,
+                 what="300 jobs to succeed")
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0
+        jobs = db.jobs(run)
+        by_state = {state: [j for j in jobs if j.state == state] for state in ("succeeded", "queued")}
+        assert len(by_state["succeeded"]) + len(by_state["queued"]) == n, db.counts(run)
+        assert len(by_state["queued"]) > 0, "the worker ran everything before the SIGTERM"
+        assert {j.attempts for j in by_state["succeeded"]} == {1}
+        # held jobs went back as never leased: no attempt used, none recorded
+        assert {j.attempts for j in by_state["queued"]} == {0}
+        assert sum(len(db.attempts(j.key)) for j in jobs) == len(by_state["succeeded"])
+        jf("worker", "--idle-exit", "0.5", check=0)
+        assert db.counts(run)["succeeded"] == n
+        assert {j.attempts for j in db.jobs(run)} == {1}
+
+
 def test_draining_worker_shows_as_draining(jf: Jobfleet, tmp_path: Path) -> None:
     run = jf.submit("--each", "echo started; while [ ! -e {} ]; do sleep 0.05; done", "release")
     worker = jf.popen("worker", "--slots", "1", "--lease-seconds", "1")

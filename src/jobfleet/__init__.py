@@ -5,7 +5,7 @@ from typing import Any
 from jobfleet.errors import JobfleetError, SpecError
 
 __version__ = "0.1.0"
-#: the Python API, imported on first use so that the CLI starts without it
+#: the Python API (jobfleet.api), imported on first use so that the CLI starts without it
 _API = ("CallFailed", "CallOptions", "Executor", "RemoteError", "Run", "StillRunning", "attach",
         "runs", "submit_map")
 __all__ = ["JobfleetError", "SpecError", "__version__", *_API]
@@ -13,7 +13,7 @@ __all__ = ["JobfleetError", "SpecError", "__version__", *_API]
 
 def __getattr__(name: str) -> Any:
     if name in _API:
-        import jobfleet.api
+        from jobfleet import api
 
-        return getattr(jobfleet.api, name)
+        return getattr(api, name)
     raise AttributeError(f"module 'jobfleet' has no attribute {name!r}")

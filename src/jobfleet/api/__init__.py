@@ -5,11 +5,24 @@
 
     run = jobfleet.submit_map(square, range(1000), name="squares")   # returns at once
     jobfleet.attach(run.id).results()                                 # from anywhere, later
+
+Names are imported on first use: a worker needs only `wire`, not the client's machinery.
 """
 
-from jobfleet.api.executor import CallOptions, Executor, submit_map
-from jobfleet.api.handle import CallFailed, Run, StillRunning, attach, runs
-from jobfleet.api.wire import RemoteError
+from importlib import import_module
+from typing import Any
 
-__all__ = ["CallFailed", "CallOptions", "Executor", "RemoteError", "Run", "StillRunning",
-           "attach", "runs", "submit_map"]
+#: where each public name lives
+_HOMES = {
+    "CallOptions": "executor", "Executor": "executor", "submit_map": "executor",
+    "CallFailed": "handle", "Run": "handle", "StillRunning": "handle", "attach": "handle",
+    "runs": "handle", "RemoteError": "wire",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'jobfleet.api' has no attribute {name!r}")
+    return getattr(import_module(f"jobfleet.api.{home}"), name)

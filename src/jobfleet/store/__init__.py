@@ -8,6 +8,7 @@ from jobfleet.errors import ConfigError
 from jobfleet.store.base import (
     STATES,
     TERMINAL,
+    UNSTARTED,
     Attempt,
     Beat,
     Capacity,
@@ -24,8 +25,8 @@ from jobfleet.store.base import (
 )
 
 __all__ = [
-    "STATES", "TERMINAL", "Attempt", "Beat", "Capacity", "Ended", "Event", "Job", "Lease", "NewRun",
-    "Outcome", "Run", "Store", "WorkerInfo", "job_id", "open_store",
+    "STATES", "TERMINAL", "UNSTARTED", "Attempt", "Beat", "Capacity", "Ended", "Event", "Job",
+    "Lease", "NewRun", "Outcome", "Run", "Store", "WorkerInfo", "job_id", "open_store",
 ]
 
 

@@ -14,6 +14,8 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, SKIPPED = (
 #: every job state, in the order the CLI shows them
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, SKIPPED)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, SKIPPED})
+#: an outcome, not a state: a job leased ahead went back unstarted
+UNSTARTED = "unstarted"
 #: the longest wait between retries, whatever the job's retry_delay
 MAX_BACKOFF = 300.0
 
@@ -102,8 +104,9 @@ class Lease:
 class Outcome:
     """What became of one leased attempt.
 
-    status: succeeded, failed, skipped, cancelled, or released (handed back unrun,
-    e.g. when a worker drains; it does not use up an attempt).
+    status: succeeded, failed, skipped, cancelled, released (stopped and handed back, e.g.
+    when a worker drains; it does not use up an attempt), or unstarted (leased ahead and
+    handed back before it started: no attempt is recorded).
     """
 
     key: int
@@ -115,6 +118,7 @@ class Outcome:
     peak_rss: int | None = None
     log: str | None = None
     result: bytes | None = None  # a Python call's pickled result or exception
+    started_at: float | None = None  # when it really started, if later than its lease
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,9 +220,16 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def lease(
-        self, worker_id: str, free: Capacity, lease_seconds: float, run_id: str | None = None
+        self, worker_id: str, free: Capacity, lease_seconds: float, run_id: str | None = None,
+        ahead: Capacity | None = None,
     ) -> list[Lease]:
-        """Hand out up to `free.slots` ready jobs that fit in `free`, each with a new token."""
+        """Hand out up to `free.slots` ready jobs that fit in `free` together, each with a new
+        token, in queue order.
+
+        `ahead` asks for up to `ahead.slots` more jobs, each fitting in `ahead` on its own: a
+        worker running short jobs holds them to start as its slots free up, instead of asking
+        the store again after every job.
+        """
 
     @abc.abstractmethod
     def heartbeat(
@@ -248,9 +259,11 @@ class Store(abc.ABC):
         free: Capacity,
         lease_seconds: float,
         run_id: str | None = None,
+        ahead: Capacity | None = None,
     ) -> tuple[list[int], list[Lease]]:
         """`finish` then `lease`, in one round trip where the store can."""
-        return self.finish(worker_id, outcomes), self.lease(worker_id, free, lease_seconds, run_id)
+        return (self.finish(worker_id, outcomes),
+                self.lease(worker_id, free, lease_seconds, run_id, ahead))
 
     @abc.abstractmethod
     def next_due(self, total: Capacity, run_id: str | None = None) -> float | None:

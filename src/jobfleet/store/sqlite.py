@@ -22,6 +22,7 @@ from jobfleet.store.base import (
     RUNNING,
     STATES,
     SUCCEEDED,
+    UNSTARTED,
     Attempt,
     Beat,
     Capacity,
@@ -195,12 +196,13 @@ class SQLiteStore(Store):
             self._event(c, now, f"worker_{state}", None, None, worker_id)
 
     def lease(
-        self, worker_id: str, free: Capacity, lease_seconds: float, run_id: str | None = None
+        self, worker_id: str, free: Capacity, lease_seconds: float, run_id: str | None = None,
+        ahead: Capacity | None = None,
     ) -> list[Lease]:
-        if free.slots <= 0:  # nothing to take: not even a transaction
+        if free.slots <= 0 and not (ahead and ahead.slots > 0):  # not even a transaction
             return []
         with self._tx() as c:
-            return self._lease(c, self.clock(), worker_id, free, lease_seconds, run_id)
+            return self._lease(c, self.clock(), worker_id, free, lease_seconds, run_id, ahead)
 
     def exchange(
         self,
@@ -209,11 +211,12 @@ class SQLiteStore(Store):
         free: Capacity,
         lease_seconds: float,
         run_id: str | None = None,
+        ahead: Capacity | None = None,
     ) -> tuple[list[int], list[Lease]]:
         with self._tx() as c:
             now = self.clock()  # taken holding the lock: readers see it committed at once
             stale = self._finish(c, now, worker_id, outcomes)
-            leases = self._lease(c, now, worker_id, free, lease_seconds, run_id)
+            leases = self._lease(c, now, worker_id, free, lease_seconds, run_id, ahead)
         return stale, leases
 
     def _lease(
@@ -224,19 +227,23 @@ class SQLiteStore(Store):
         free: Capacity,
         lease_seconds: float,
         run_id: str | None,
+        ahead: Capacity | None = None,
     ) -> list[Lease]:
-        if free.slots <= 0:
-            return []
         if now >= self._next_reap:
             self._reap(c, now)
             self._next_reap = now + _REAP_EVERY
         run_filter = "AND run_id = :run" if run_id is not None else ""
         base = secrets.token_hex(8)
-        rows = c.execute(_Q["lease"].format(run_filter=run_filter), {
-            "worker": worker_id, "token": base, "expires": now + lease_seconds, "now": now,
-            "run": run_id, "cpus": free.cpus, "memory": free.memory, "gpus": free.gpus,
-            "slots": free.slots,
-        }).fetchall()
+        rows = []
+        for pick, want in (("fitting_together", free), ("fitting_alone", ahead)):
+            if want is None or want.slots <= 0:
+                continue
+            sql = _Q["lease"].format(pick=_Q[pick].format(run_filter=run_filter))
+            rows += c.execute(sql, {
+                "worker": worker_id, "token": base, "expires": now + lease_seconds, "now": now,
+                "run": run_id, "cpus": want.cpus, "memory": want.memory, "gpus": want.gpus,
+                "slots": want.slots,
+            }).fetchall()
         rows.sort()
         return [Lease(key, rid, seq, attempts, token, now + lease_seconds,
                       JobSpec.from_json(spec), self._workdir(c, rid), payload)
@@ -287,19 +294,26 @@ class SQLiteStore(Store):
         stale: list[int] = []
         for o in outcomes:
             if o.status == SUCCEEDED:  # the hot path: two statements settle the job
-                row = c.execute(_Q["succeed"], (o.exit_code, now, o.result, o.key, o.token)
-                                ).fetchone()
+                row = c.execute(_Q["succeed"], (o.exit_code, o.started_at, now, o.result, o.key,
+                                                o.token)).fetchone()
                 if row is None:
                     stale.append(o.key)
                     continue
                 c.execute(_Q["add_attempt"], (o.key, row[0], worker_id, o.token, SUCCEEDED, row[1],
                                          now, o.exit_code, None, None, o.peak_rss, o.log))
                 continue
+            if o.status == UNSTARTED:
+                if not c.execute(_Q["hand_back"], {"key": o.key, "token": o.token, "now": now}
+                                 ).rowcount:
+                    stale.append(o.key)
+                continue
             row = c.execute(_Q["running"] + " AND id = ? AND lease_token = ?",
                             (o.key, o.token)).fetchone()
             if row is None:
                 stale.append(o.key)
                 continue
+            if o.started_at is not None:  # row[-2]: when the lease was handed out
+                row = (*row[:-2], o.started_at, row[-1])
             self._settle(c, now, o.key, row[2:], o.status, o.exit_code, o.signal, o.reason,
                          o.peak_rss, o.log, worker_id, o.result)
         return stale
@@ -331,9 +345,9 @@ class SQLiteStore(Store):
                 cancel_requested=bool(cancel_req), now=now)
         c.execute(
             "UPDATE jobs SET state = ?, not_before = ?, budget_from = ?, lease_token = NULL,"
-            " lease_expires = NULL, exit_code = ?, signal = ?, reason = ?, finished_at = ?,"
-            " result = ? WHERE id = ?",
-            (state, not_before, budget_from, exit_code, signal, reason,
+            " lease_expires = NULL, exit_code = ?, signal = ?, reason = ?, started_at = ?,"
+            " finished_at = ?, result = ? WHERE id = ?",
+            (state, not_before, budget_from, exit_code, signal, reason, started_at,
              None if state == QUEUED else now, result, key),
         )
         c.execute(_Q["add_attempt"], (key, attempts, worker_id, token, status, started_at, now,

@@ -10,13 +10,14 @@ import select
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from jobfleet.api import wire
 from jobfleet.blobs import Blobs, LogWriter, log_key
 from jobfleet.sandbox import Child, ProcessSandbox
-from jobfleet.store import Capacity, Lease, Outcome, Store, WorkerInfo
+from jobfleet.store import UNSTARTED, Capacity, Lease, Outcome, Store, WorkerInfo
 from jobfleet.worker.calls import RECYCLE_AFTER, Runner
 from jobfleet.worker.outputs import missing_outputs, outputs_done
 
@@ -33,6 +34,14 @@ _CHUNK = 65536
 _CANCEL_CHECK = 1.0
 #: a worker started for a run gives up if the run is not stored within this many seconds
 _RUN_APPEARS_WITHIN = 60.0
+#: jobs that take less than this on average (seconds) are leased ahead and reported in batches
+_SHORT_JOB = 0.05
+#: how much work (seconds' worth, per slot) a worker of short jobs holds leased ahead, at most
+#: this many jobs
+_AHEAD_SECONDS = 0.01
+_MAX_AHEAD = 100
+#: how long the outcome of a short job may wait to be reported with others, seconds
+_REPORT_WITHIN = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +79,7 @@ class _Running:
     log: LogWriter
     child: Child | Runner  # a Runner: a Python call in a warm interpreter
     deadline: float | None
+    began: float  # wall-clock time it started
     stopping: str | None = None  # why we are killing it: timeout, cancelled, lost, drain
     kill_at: float | None = None
 
@@ -129,6 +139,11 @@ class Worker:
         self._busy: dict[int, _Running] = {}
         self._runner_fds: dict[int, Runner] = {}  # its result pipe, output pipe and pidfd
         self._bodies: dict[str, bytes] = {}  # pickled functions by digest
+        # short jobs: leased ahead, started as slots free up, their outcomes reported together
+        self._ready: deque[Lease] = deque()
+        self._unreported: list[Outcome] = []
+        self._report_by = 0.0
+        self._typical: float | None = None  # a moving average of how long attempts take
 
     # -- lifecycle --------------------------------------------------------------------------
     def stop(self, *, now: bool = False) -> None:
@@ -178,14 +193,17 @@ class Worker:
                 if not drain_recorded:  # here, not in the signal handler that set draining
                     self.store.set_worker_state(self.id, "draining")
                     drain_recorded = True
+                self._release_ready()
+                if self._unreported:
+                    self._report()
                 if not self.running:
                     return
                 if now >= self._drain_deadline:
                     for r in self.running.values():
                         self._kill(r, "drain", now)
-            elif now >= t.next_lease and not self._quota_reached():
-                t.leased(now, self._lease_and_start())
-            if self.running:
+            else:
+                self._sync(now, t)
+            if self.running or self._ready:
                 t.idle_since = now
             elif self._quota_reached() or self._run_over(now - t.born):
                 return
@@ -194,12 +212,10 @@ class Worker:
                     log.info("worker %s idle for %gs, exiting", self.id, o.idle_exit)
                     return
                 t.idle_since = now  # a retry is on its way: waiting for it is not idleness
-            outcomes = self._wait(poller, self._next_wake(t))
-            if outcomes:
-                if self.draining or self._quota_reached():
-                    self._report(outcomes)
-                else:  # report and take the next jobs in one transaction
-                    t.leased(time.monotonic(), self._lease_and_start(outcomes))
+            ended = self._wait(poller, self._next_wake(t))
+            if ended:
+                self._note(ended)
+                self._start_ready()
             now = time.monotonic()
             self._enforce_limits(now)
             if now >= t.next_beat:
@@ -213,13 +229,15 @@ class Worker:
     def _next_wake(self, t: _Timers) -> float:
         """The soonest moment something needs doing if no job ends before it."""
         wake = [t.next_beat]
+        if self._unreported:
+            wake.append(self._report_by)
         if self.running:
             wake.append(t.next_cancel_check)
         elif self.opts.idle_exit is not None:
             wake.append(t.idle_since + self.opts.idle_exit)
         if self.draining:
             wake.append(self._drain_deadline)
-        elif len(self.running) < self.opts.slots:
+        elif len(self.running) < self.opts.slots or len(self._ready) <= self._ahead() // 2:
             wake.append(t.next_lease)
         for r in self.running.values():
             if r.kill_at is not None:
@@ -285,38 +303,85 @@ class Worker:
 
     # -- starting ---------------------------------------------------------------------------
     def _free(self) -> Capacity:
-        o = self.opts
+        """What the running jobs leave of this worker."""
         cpus, memory, gpus = self.total.cpus, self.total.memory, self.total.gpus
         for r in self.running.values():
             s = r.lease.spec
             cpus, memory, gpus = cpus - s.cpus, memory - s.memory, gpus - s.gpus
-        slots = o.slots - len(self.running)
-        if o.max_jobs is not None:
-            slots = min(slots, o.max_jobs - self.stats.leased)
-        return Capacity(slots, cpus, memory, gpus)
+        return Capacity(self.opts.slots - len(self.running), cpus, memory, gpus)
 
-    def _lease_and_start(self, done: list[Outcome] | None = None) -> int:
-        """Report `done` and lease what fits in the free slots; start those jobs."""
-        free = self._free()
-        if done:
-            stale, leases = self.store.exchange(
-                self.id, done, free, self.opts.lease_seconds, self.opts.run_id)
-            self._counted(done, stale)
-        elif free.slots > 0:
-            leases = self.store.lease(self.id, free, self.opts.lease_seconds, self.opts.run_id)
-        else:
+    def _ahead(self) -> int:
+        """How many jobs to hold leased beyond the free slots: none unless jobs are short."""
+        typical = self._typical
+        if typical is None or typical >= _SHORT_JOB or self.draining:
             return 0
+        return min(_MAX_AHEAD, int(_AHEAD_SECONDS * self.opts.slots / max(typical, 1e-4)))
+
+    def _wanted(self) -> tuple[Capacity, Capacity | None]:
+        """What to lease: jobs that fit the free slots together, and jobs to hold ahead."""
+        free, ahead, held = self._free(), self._ahead(), len(self._ready)
+        if self._ready:  # jobs held already go first
+            free = replace(free, slots=0)
+        more = ahead - held if held <= ahead // 2 else 0
+        if self.opts.max_jobs is not None:
+            left = self.opts.max_jobs - self.stats.leased
+            free = replace(free, slots=min(free.slots, left))
+            more = min(more, left - max(free.slots, 0))
+        total = self.total
+        return free, Capacity(more, total.cpus, total.memory, total.gpus) if more > 0 else None
+
+    def _sync(self, now: float, t: _Timers) -> None:
+        """Report what ended and lease what is wanted, in one transaction, when either is due.
+
+        Jobs that are not short are reported as they end. Short ones are reported together,
+        within _REPORT_WITHIN, or when the jobs held ahead run low.
+        """
+        free, ahead = self._wanted()
+        asking = now >= t.next_lease and (free.slots > 0 or ahead is not None)
+        reporting = bool(self._unreported) and (asking or self._ahead() == 0
+                                                or now >= self._report_by)
+        if reporting:
+            done, self._unreported = self._unreported, []
+            if not asking:
+                free, ahead = replace(free, slots=0), None
+            stale, leases = self.store.exchange(
+                self.id, done, free, self.opts.lease_seconds, self.opts.run_id, ahead)
+            self._counted(done, stale)
+        elif asking:
+            leases = self.store.lease(
+                self.id, free, self.opts.lease_seconds, self.opts.run_id, ahead)
+        else:
+            return
+        if asking:
+            t.leased(time.monotonic(), len(leases))
         self.stats.leased += len(leases)
-        early: list[Outcome] = []
-        for lease in leases:
-            started = self._start(lease)
+        self._ready.extend(leases)
+        self._start_ready()
+
+    def _start_ready(self) -> None:
+        """Start held jobs in queue order while the first one fits in what is free."""
+        if not self._ready:
+            return
+        free = self._free()
+        while self._ready and free.slots > 0:
+            spec = self._ready[0].spec
+            if spec.cpus > free.cpus or spec.memory > free.memory or spec.gpus > free.gpus:
+                return
+            started = self._start(self._ready.popleft())
             if isinstance(started, Outcome):
-                early.append(started)
-            else:
-                self.running[started.child.pidfd] = started
-        if early:
-            self._report(early)
-        return len(leases)
+                self._note([started])
+                continue
+            self.running[started.child.pidfd] = started
+            free = Capacity(free.slots - 1, free.cpus - spec.cpus, free.memory - spec.memory,
+                            free.gpus - spec.gpus)
+
+    def _release_ready(self, keys: frozenset[int] | None = None) -> None:
+        """Hand jobs held ahead (all, or those in `keys`) back to the store, unstarted."""
+        back = [x for x in self._ready if keys is None or x.key in keys]
+        if back:
+            self._note([Outcome(x.key, x.token, UNSTARTED) for x in back])
+            self.stats.leased -= len(back)
+            self._ready = deque(x for x in self._ready if keys is not None and x.key not in keys)
 
     def _workdir(self, lease: Lease) -> str:
         base = lease.run_workdir or self._cwd
@@ -347,7 +412,7 @@ class Worker:
         except OSError as e:
             return Outcome(lease.key, lease.token, "failed", reason=f"could not start the job: {e}")
         deadline = time.monotonic() + spec.timeout if spec.timeout else None
-        r = _Running(lease, self.blobs.log_writer(key), child, deadline)
+        r = _Running(lease, self.blobs.log_writer(key), child, deadline, time.time())
         self._pipes[child.out] = r
         self._poller.register(child.pidfd, select.POLLIN)
         self._poller.register(child.out, select.POLLIN)
@@ -369,7 +434,7 @@ class Worker:
                 self._retire(runner)
             return Outcome(lease.key, lease.token, "failed", reason=f"could not start the call: {e}")
         deadline = time.monotonic() + lease.spec.timeout if lease.spec.timeout else None
-        r = _Running(lease, self.blobs.log_writer(key), runner, deadline)
+        r = _Running(lease, self.blobs.log_writer(key), runner, deadline, time.time())
         self._busy[runner.pid] = r
         return r
 
@@ -497,40 +562,56 @@ class Worker:
     def _ended(self, r: _Running, status: str, **recorded: Any) -> Outcome:
         """The outcome of attempt `r`, counted by status, with its log when it wrote one."""
         self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
-        return Outcome(r.lease.key, r.lease.token, status,
+        took = time.time() - r.began
+        typical = self._typical
+        self._typical = took if typical is None else typical + (took - typical) / 8
+        return Outcome(r.lease.key, r.lease.token, status, started_at=r.began,
                        log=r.log.key if r.log.written else None, **recorded)
 
-    def _report(self, outcomes: list[Outcome]) -> None:
-        self._counted(outcomes, self.store.finish(self.id, outcomes))
+    def _note(self, outcomes: list[Outcome]) -> None:
+        """Keep outcomes to report with the next transaction (see _sync)."""
+        if not self._unreported:
+            self._report_by = time.monotonic() + _REPORT_WITHIN
+        self._unreported += outcomes
+
+    def _report(self) -> None:
+        done, self._unreported = self._unreported, []
+        self._counted(done, self.store.finish(self.id, done))
 
     def _counted(self, outcomes: list[Outcome], stale: list[int]) -> None:
-        self.stats.done += sum(o.status != "released" and o.key not in stale for o in outcomes)
+        self.stats.done += sum(o.status not in ("released", UNSTARTED) and o.key not in stale
+                               for o in outcomes)
         for key in stale:
             log.warning("job %s: result not recorded, the lease was lost", key,
                         extra={"action": "stale_result"})
 
     def _heartbeat(self, now: float) -> None:
         held = [(r.lease.key, r.lease.token) for r in self.running.values()]
+        held += [(lease.key, lease.token) for lease in self._ready]
         beat = self.store.heartbeat(self.id, held, self.opts.lease_seconds, self.stats.done)
         for r in self.running.values():
             if r.lease.key in beat.lost:
                 self._kill(r, "lost", now)
+        if beat.lost:  # a held job whose lease is gone is someone else's now
+            self._ready = deque(x for x in self._ready if x.key not in beat.lost)
         self._cancel(beat.cancel, now)
 
     def _cancel(self, keys: frozenset[int], now: float) -> None:
         for r in self.running.values():
             if r.lease.key in keys:
                 self._kill(r, "cancelled", now)
+        if keys and self._ready:  # the store cancels them as they come back
+            self._release_ready(keys)
 
     def _release_all(self) -> None:
-        """On the way out (also after an error): kill what still runs and hand it back."""
-        if not self.running:
-            return
+        """On the way out (also after an error): kill what still runs, hand it and the jobs
+        held ahead back, and report everything."""
+        self._release_ready()
         for r in self.running.values():
             r.child.signal_group(signal.SIGKILL)
-        outcomes = []
         for r in self.running.values():
             r.stopping = r.stopping if r.stopping in ("cancelled", "timeout") else "drain"
-            outcomes.append(self._reaped(r))
+            self._note([self._reaped(r)])
         self.running.clear()
-        self._report(outcomes)
+        if self._unreported:
+            self._report()
