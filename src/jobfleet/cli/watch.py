@@ -40,6 +40,20 @@ class ProgressView:
         self._thread.join()
 
     def _show(self) -> None:
+        # with no terminal (a CI log): a plain line now and then; the summary says the rest
+        if not out.is_terminal and self._stop.wait(_PLAIN_EVERY):
+            return
+        with open_store(self.store_url) as db:
+            if out.is_terminal:
+                self._bar(db)
+            else:
+                self._lines(db)
+
+    def _done(self, db: Store) -> tuple[int, dict[str, int]]:
+        counts = db.counts(self.run_id)
+        return self.total - counts["queued"] - counts["running"], counts
+
+    def _bar(self, db: Store) -> None:
         # imported here, on this thread, while the worker is already starting jobs
         from rich.progress import (
             BarColumn,
@@ -59,26 +73,24 @@ class ProgressView:
             console=out,
             refresh_per_second=8,
         )
-        db = open_store(self.store_url)
-        last_line = self.started
-        try:
-            with progress:
-                task = progress.add_task(self.run_id, total=self.total, counts="", rate="")
-                while True:
-                    stopping = self._stop.is_set()
-                    counts = db.counts(self.run_id)
-                    done = self.total - counts["queued"] - counts["running"]
-                    elapsed = time.monotonic() - self.started
-                    rate = f"{done / elapsed:.0f} jobs/s" if elapsed > 0.5 and done else ""
-                    progress.update(task, completed=done, counts=counts_text(counts), rate=rate)
-                    if stopping:
-                        return
-                    if not out.is_terminal and time.monotonic() - last_line > _PLAIN_EVERY:
-                        out.print(f"{self.run_id}: {done}/{self.total} done  {counts_text(counts)}")
-                        last_line = time.monotonic()
-                    self._stop.wait(_TICK)
-        finally:
-            db.close()
+        with progress:
+            task = progress.add_task(self.run_id, total=self.total, counts="", rate="")
+            while True:
+                stopping = self._stop.is_set()
+                done, counts = self._done(db)
+                elapsed = time.monotonic() - self.started
+                rate = f"{done / elapsed:.0f} jobs/s" if elapsed > 0.5 and done else ""
+                progress.update(task, completed=done, counts=counts_text(counts), rate=rate)
+                if stopping:
+                    return
+                self._stop.wait(_TICK)
+
+    def _lines(self, db: Store) -> None:
+        while True:
+            done, counts = self._done(db)
+            out.print(f"{self.run_id}: {done}/{self.total} done  {counts_text(counts)}")
+            if self._stop.wait(_PLAIN_EVERY):
+                return
 
 
 def summary(db: Store, blobs: Blobs, run_id: str, elapsed: float | None = None) -> int:
