@@ -13,6 +13,7 @@ from jobfleet.errors import JobfleetError
 # isort: off
 from jobfleet.cli import run  # noqa: F401
 from jobfleet.cli import inspect  # noqa: F401
+from jobfleet.cli import explain  # noqa: F401
 from jobfleet.cli import control  # noqa: F401
 # isort: on
 
