@@ -6,10 +6,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from jobfleet.api import wire
-from jobfleet.blobs import Blobs
+from jobfleet.blobs import Blobs, LocalBlobs, open_blobs
 from jobfleet.config import load_settings
 from jobfleet.errors import JobfleetError
 from jobfleet.store import Store, open_store
@@ -44,17 +45,19 @@ class StillRunning(JobfleetError):
 
 def connect(store: str | None, blobs: str | None) -> tuple[Store, Blobs]:
     s = load_settings({"store": store, "blobs": blobs})
-    return open_store(s.store), Blobs(s.blobs)
+    return open_store(s.store), open_blobs(s.blobs)
 
 
 def start_worker(store: Store, blobs: Blobs, run_id: str, slots: int) -> subprocess.Popen[bytes]:
     """A local worker for the run, in its own session: it outlives this process, exits when idle."""
-    log_dir = blobs.root / "workers"
+    # the worker's own output stays on this machine: beside a local store, else in .jobfleet
+    base = blobs.root if isinstance(blobs, LocalBlobs) else Path(".jobfleet").absolute()
+    log_dir = base / "workers"
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / f"{run_id}.log", "ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "jobfleet", "worker", "--run", run_id, "--slots", str(slots),
-             "--idle-exit", str(IDLE_EXIT), "--store", store.url, "--blobs", str(blobs.root)],
+             "--idle-exit", str(IDLE_EXIT), "--store", store.url, "--blobs", blobs.location],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
 
 

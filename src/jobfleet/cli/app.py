@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
-from jobfleet.blobs import Blobs
+from jobfleet.blobs import Blobs, open_blobs
 from jobfleet.config import Settings, load_settings
 from jobfleet.store import Store, open_store
 
@@ -51,4 +51,4 @@ def worker_options(s: Settings, **decided: Any) -> WorkerOptions:
 
 
 def connect(s: Settings) -> tuple[Store, Blobs]:
-    return open_store(s.store), Blobs(s.blobs)
+    return open_store(s.store), open_blobs(s.blobs)
