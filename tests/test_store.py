@@ -1,24 +1,35 @@
 """The store contract: queue semantics every store must keep, written once for all backends.
 
-Each backend gets a fixture in `STORES`; the tests talk only to the `Store` interface, with an
-injected clock so lease expiry and backoff are tested without waiting.
+Every test runs against each backend in `BACKENDS`: SQLite in tmp_path, and PostgreSQL in a
+fresh database on the server `JOBFLEET_TEST_PG` names (skipped without one, except in CI). The
+tests talk only to the `Store` interface, with an injected clock so lease expiry and backoff
+are tested without waiting.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import sqlite3
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from conftest import wait_for
 from jobfleet.errors import NotFound, StoreError
 from jobfleet.spec import JobSpec, make_job
-from jobfleet.store import UNSTARTED, Capacity, NewRun, Outcome, Store, sqlfiles
+from jobfleet.store import UNSTARTED, Capacity, NewRun, Outcome, Store, open_store, sqlfiles
 from jobfleet.store.sqlite import SQLiteStore
+from pg import Cluster, free_port, fresh_database, require_server
 
 BIG = Capacity(slots=100, cpus=100, memory=10**12, gpus=8)
+BACKENDS = ["sqlite", "postgres"]
 
 
 class Clock:
@@ -36,20 +47,45 @@ def job(command: str = "true", **fields: object) -> JobSpec:
     return make_job(command, fields, {}, {})
 
 
-StoreFactory = Callable[[Clock], Store]
+def open_at(url: str, clock: Clock | None = None, **options: Any) -> Store:
+    """The store at `url` (a `sqlite://` path or a PostgreSQL URL), on `clock` if given."""
+    kw: dict[str, Any] = {"clock": clock, **options} if clock else options
+    if url.startswith("sqlite://"):
+        return SQLiteStore(url.removeprefix("sqlite://"), **kw)
+    from jobfleet.store.postgres import PostgresStore
+
+    return PostgresStore(url, **kw)
 
 
-@pytest.fixture(params=["sqlite"])
-def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
-    opened: list[Store] = []
+@pytest.fixture(params=BACKENDS)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty store of each backend: a SQLite file, or a database of its own."""
+    if request.param == "sqlite":
+        yield f"sqlite://{tmp_path / 'store.db'}"
+        return
+    with fresh_database(require_server()) as url:
+        yield url
 
-    def factory(clock: Clock) -> Store:
-        s = SQLiteStore(tmp_path / "store.db", clock=clock)
-        opened.append(s)
+
+class StoreFactory:
+    """Opens stores on one empty store (each with its own connection), closed at teardown."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.backend = "sqlite" if url.startswith("sqlite://") else "postgres"
+        self.opened: list[Store] = []
+
+    def __call__(self, clock: Clock, **options: Any) -> Store:
+        s = open_at(self.url, clock, **options)
+        self.opened.append(s)
         return s
 
+
+@pytest.fixture
+def make_store(store_url: str) -> Iterator[StoreFactory]:
+    factory = StoreFactory(store_url)
     yield factory
-    for s in opened:
+    for s in factory.opened:
         s.close()
 
 
@@ -169,14 +205,13 @@ def test_lease_can_be_limited_to_one_run(store: Store) -> None:
     assert store.counts(first)["queued"] == 1
 
 
-def test_concurrent_workers_never_share_a_job(tmp_path: Path) -> None:
+def test_concurrent_workers_never_share_a_job(store_url: str) -> None:
     """Four processes race for 400 jobs; every job is leased exactly once."""
-    path = tmp_path / "race.db"
-    s = SQLiteStore(path)
+    s = open_at(store_url)
     run_id = s.submit(NewRun(), [job() for _ in range(400)])
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(4) as pool:
-        results = pool.map(_race, [(str(path), f"w{i}") for i in range(4)])
+        results = pool.map(_race, [(store_url, f"w{i}") for i in range(4)])
     keys = [k for r in results for k in r]
     assert len(keys) == 400 and len(set(keys)) == 400
     assert s.counts(run_id)["succeeded"] == 400
@@ -184,8 +219,8 @@ def test_concurrent_workers_never_share_a_job(tmp_path: Path) -> None:
 
 
 def _race(args: tuple[str, str]) -> list[int]:
-    path, name = args
-    s = SQLiteStore(path)
+    url, name = args
+    s = open_at(url)
     taken: list[int] = []
     while leases := s.lease(name, Capacity(3, 3, 10**9), 60):
         taken += [x.key for x in leases]
@@ -390,4 +425,246 @@ def test_a_store_from_an_older_version_is_upgraded_in_place(tmp_path: Path) -> N
     run_id = store.submit(NewRun(), [job()], [b"payload"])
     [lease] = store.lease("w", Capacity(1, 1, 2**30), 60, run_id)
     assert lease.payload == b"payload"
+    store.close()
+
+
+# -- many processes at once, waking, reconnecting ---------------------------------------------
+
+def test_migrations_run_once_when_many_processes_open_a_store_at_once(store_url: str) -> None:
+    """Eight processes open the same empty store at the same moment: one applies the schema."""
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(8)
+    versions = ctx.Queue()
+    procs = [ctx.Process(target=_open_at_once, args=(store_url, start, versions))
+             for _ in range(8)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * 8
+    latest = sqlfiles.migrations("sqlite" if store_url.startswith("sqlite:") else "postgres")[-1][0]
+    assert sorted(versions.get(timeout=10) for _ in procs) == [latest] * 8
+    assert _migration_rows(store_url) == list(range(1, latest + 1))
+
+
+def _open_at_once(url: str, start: Any, versions: Any) -> None:
+    start.wait(timeout=60)
+    s = open_at(url)
+    versions.put(s.schema_version())  # type: ignore[attr-defined]
+    s.close()
+
+
+def _migration_rows(url: str) -> list[int]:
+    """The versions the store recorded as applied, one row each."""
+    sql = "SELECT version FROM schema_migrations ORDER BY version"
+    if url.startswith("sqlite://"):
+        with sqlite3.connect(url.removeprefix("sqlite://")) as db:
+            return [v for (v,) in db.execute(sql)]
+    import psycopg
+
+    with psycopg.connect(url) as db:
+        return [v for (v,) in db.execute(sql)]
+
+
+def _in_a_moment(action: Callable[[], object]) -> tuple[threading.Thread, dict[str, float]]:
+    """Run `action` in a thread 0.2 s from now; the dict gets when it began and returned."""
+    times: dict[str, float] = {}
+
+    def run() -> None:
+        time.sleep(0.2)  # a schedule, not a wait for state: the waiter must be blocked by then
+        times["began"] = time.monotonic()
+        action()
+        times["done"] = time.monotonic()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, times
+
+
+def _blocks(store: Store, seconds: float = 0.05) -> bool:
+    """Whether `wait_for_work` waits (nothing pending, and listening) rather than returning."""
+    started = time.monotonic()
+    store.wait_for_work(seconds)
+    return time.monotonic() - started >= seconds * 0.8
+
+
+def test_wait_for_work_wakes_when_work_comes_from_elsewhere(
+        make_store: StoreFactory, clock: Clock) -> None:
+    """A submit, an append, a retry or a job going back to the queue, from another process,
+    wakes a waiting worker within 100 ms (a store that cannot hear of work returns at once)."""
+    waiter, other = make_store(clock), make_store(clock)
+    listens = make_store.backend == "postgres"
+    run_id = submit(other, job(max_attempts=1))
+    (x,) = other.lease("w", BIG, 60)
+    other.finish("w", [Outcome(x.key, x.token, "failed", exit_code=1)])
+
+    def release() -> None:
+        (y,) = other.lease("w", Capacity(1, 1, 10**9), 60)
+        other.finish("w", [Outcome(y.key, y.token, "released")])
+
+    for name, action in [("submit", lambda: submit(other)),
+                         ("append", lambda: other.append(run_id, [job()])),
+                         ("retry", lambda: other.retry(run_id)),
+                         ("release", release)]:
+        if listens:  # read what came before, so that the next wake is news
+            wait_for(lambda: _blocks(waiter), 5, what="the waiter to listen, nothing pending")
+        thread, times = _in_a_moment(action)
+        waiter.wait_for_work(10)
+        woke = time.monotonic()
+        thread.join()
+        assert woke - times["done"] < 0.1, f"{name}: woke {woke - times['done']:.3f} s after it"
+        if listens:
+            assert woke >= times["began"], f"{name}: woke before anything happened"
+
+
+def test_wait_for_work_waits_out_its_timeout_when_nothing_comes(
+        make_store: StoreFactory, clock: Clock) -> None:
+    if make_store.backend == "sqlite":
+        pytest.skip("SQLite cannot hear of new work: its wait returns at once and callers poll")
+    waiter = make_store(clock)
+    waiter.wait_for_work(0)  # starts listening
+    started = time.monotonic()
+    waiter.wait_for_work(0.3)
+    assert 0.29 <= time.monotonic() - started < 2
+
+
+class _CommitAnswerLost:
+    """Stands in for a store's connection: the next COMMIT goes through, but its answer is lost
+    with the connection (as when the server or the network goes down at that moment)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        import psycopg
+
+        with self.real.transaction() as tx:
+            yield tx
+        self.real.close()
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+
+def _lose_the_next_commit_answer(store: Store) -> None:
+    db = store._db  # type: ignore[attr-defined]
+    db._conn = _CommitAnswerLost(db._connection())
+
+
+def test_an_operation_whose_commit_answer_was_lost_is_recorded_once(
+        make_store: StoreFactory, clock: Clock) -> None:
+    """Retried after a lost answer to COMMIT, submit, append, lease and finish find what they
+    did and do not do it again."""
+    if make_store.backend == "sqlite":
+        pytest.skip("SQLite commits in this process: no answer can be lost")
+    store = make_store(clock, retry_for=10)
+    _lose_the_next_commit_answer(store)
+    run_id = submit(store, job(), job())
+    assert [r.id for r in store.runs()] == [run_id] and store.run(run_id).total == 2
+    _lose_the_next_commit_answer(store)
+    assert store.append(run_id, [job(), job()]) == 3
+    assert store.run(run_id).total == 4
+    _lose_the_next_commit_answer(store)
+    leases = store.lease("w", Capacity(3, 3, 10**9), 60)
+    assert [x.seq for x in leases] == [1, 2, 3] and store.counts(run_id)["running"] == 3
+    _lose_the_next_commit_answer(store)
+    done = [Outcome(x.key, x.token, "succeeded", exit_code=0) for x in leases[:2]]
+    assert store.finish("w", [*done, Outcome(leases[2].key, leases[2].token, "failed")]) == []
+    assert [len(store.attempts(x.key)) for x in leases] == [1, 1, 1]
+    assert store.counts(run_id)["succeeded"] == 2
+    _lose_the_next_commit_answer(store)
+    stale, more = store.exchange("w", [], BIG, 60)
+    assert stale == [] and [x.seq for x in more] == [4]  # 3 waits out its backoff
+
+
+def test_an_unreachable_server_is_a_clear_error_without_the_password() -> None:
+    pytest.importorskip("psycopg")
+    url = f"postgresql://someone:s3cret@127.0.0.1:{free_port()}/jobs"
+    with pytest.raises(StoreError) as e:
+        open_store(url)
+    text = str(e.value)
+    assert "s3cret" not in text and e.value.hint
+    assert f"postgresql://someone:***@127.0.0.1:{url.split(':')[3]}" in text
+    assert "running and reachable" in text
+
+
+def test_store_urls_are_printed_without_their_password() -> None:
+    from jobfleet.store.urls import conninfo, masked
+
+    assert masked("postgresql://u:p%40ss@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert masked("postgres://h/db?password=x&sslmode=require") == (
+        "postgres://h/db?password=***&sslmode=require")
+    assert masked("postgresql://u@h/db") == "postgresql://u@h/db"
+    # a printed URL can be passed on: the password then comes from PGPASSWORD or ~/.pgpass
+    assert conninfo("postgresql://u:***@h:5432/db") == "postgresql://u@h:5432/db"
+    assert conninfo("postgresql://u:p@h/db") == "postgresql://u:p@h/db"
+
+
+def test_the_sqlite_store_does_not_import_psycopg(tmp_path: Path) -> None:
+    code = ("import sys; from jobfleet.store import open_store; import jobfleet.cli;"
+            f" open_store({str(tmp_path / 'a.db')!r}).close();"
+            " assert 'psycopg' not in sys.modules, 'psycopg imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A PostgreSQL server of this test's own, started."""
+    c = Cluster(tmp_path)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.destroy()
+
+
+def test_a_server_restart_is_ridden_out(cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
+    """The server restarts under a worker: its operations retry on a new connection and succeed,
+    and an outcome sent while the server was down is recorded exactly once."""
+    from jobfleet.store.postgres import PostgresStore
+
+    store = PostgresStore(cluster.url, retry_for=60)
+    run_id = submit(store, job(), job(), job())
+    a, b, c = store.lease("w", BIG, 600)
+    store.wait_for_work(0)  # listening
+    cluster.restart()
+    assert store.finish("w", [Outcome(a.key, a.token, "succeeded", exit_code=0)]) == []
+    caplog.clear()
+    cluster.stop()
+    sent: list[list[int]] = []
+    finishing = threading.Thread(target=lambda: sent.append(store.finish(
+        "w", [Outcome(b.key, b.token, "succeeded", exit_code=0)])))
+    finishing.start()
+    wait_for(lambda: any("retrying" in r.getMessage() for r in caplog.records), 30,
+             what="the finish to find the server gone")
+    cluster.start()
+    finishing.join(timeout=60)
+    assert sent == [[]]
+    assert [x.state for x in store.attempts(b.key)] == ["succeeded"]
+    assert [e.kind for e in store.events(job_key=b.key)] == ["leased", "succeeded"]
+    assert store.counts(run_id)["succeeded"] == 2
+    # the listener comes back too: it listens again, then hears of new work
+    wait_for(lambda: _blocks(store), 10, what="the store to listen again")
+    other = PostgresStore(cluster.url)
+    thread, times = _in_a_moment(lambda: submit(other))
+    store.wait_for_work(10)
+    woke = time.monotonic()
+    thread.join()
+    assert times["began"] <= woke < times["done"] + 0.1
+    other.close()
+    store.close()
+
+
+def test_a_store_gives_up_with_a_clear_error_when_the_server_stays_away(
+        cluster: Cluster) -> None:
+    from jobfleet.store.postgres import PostgresStore
+
+    store = PostgresStore(cluster.url, retry_for=1)
+    cluster.stop()
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="lost the connection to the store") as e:
+        store.runs()
+    assert time.monotonic() - started < 5 and e.value.hint
     store.close()

@@ -23,6 +23,7 @@ from jobfleet.store.base import (
     WorkerInfo,
     job_id,
 )
+from jobfleet.store.urls import masked
 
 __all__ = [
     "STATES", "TERMINAL", "UNSTARTED", "Attempt", "Beat", "Capacity", "Ended", "Event", "Job",
@@ -31,7 +32,8 @@ __all__ = [
 
 
 def open_store(url: str | Path) -> Store:
-    """Open the store at `url`: a SQLite path (`sqlite:///abs.db`, `sqlite://rel.db`, or a bare path)."""
+    """Open the store at `url`: a SQLite path (`sqlite:///abs.db`, `sqlite://rel.db`, or a bare
+    path), or a PostgreSQL database (`postgresql://user@host:port/db`, also `postgres://`)."""
     text = str(url)
     scheme, sep, rest = text.partition("://")
     if not sep:
@@ -41,11 +43,12 @@ def open_store(url: str | Path) -> Store:
 
         return SQLiteStore(rest)
     if scheme in ("postgresql", "postgres"):
-        raise ConfigError(
-            f"the PostgreSQL store is not built yet: {text}",
-            hint="use the embedded SQLite store (the default) for now",
-        )
+        from jobfleet.store.postgres import PostgresStore
+
+        return PostgresStore(text)
     raise ConfigError(
-        f"unknown store URL scheme '{scheme}' in {text}",
-        hint="use a SQLite path such as .jobfleet/jobfleet.db or sqlite:///abs/path.db",
+        f"unknown store URL scheme '{scheme}' in {masked(text)}",
+        hint="use a SQLite path such as .jobfleet/jobfleet.db or sqlite:///abs/path.db,"
+             " or a PostgreSQL URL such as postgresql://user@host:5432/db",
     )
+

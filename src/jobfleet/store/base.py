@@ -265,6 +265,15 @@ class Store(abc.ABC):
         return (self.finish(worker_id, outcomes),
                 self.lease(worker_id, free, lease_seconds, run_id, ahead))
 
+    def wait_for_work(self, timeout: float) -> None:
+        """Block until new work may be ready or `timeout` seconds pass.
+
+        A store that can hear of new work (PostgreSQL's LISTEN) returns as soon as a job is
+        submitted, appended, retried or goes back to the queue, anywhere; it may also return
+        early for no reason. The default returns at once: callers poll.
+        """
+        return None
+
     @abc.abstractmethod
     def next_due(self, total: Capacity, run_id: str | None = None) -> float | None:
         """When the earliest queued job that fits in `total` becomes ready; None if none."""

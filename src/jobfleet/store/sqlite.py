@@ -53,6 +53,20 @@ def _statements(script: str) -> Iterator[str]:
             buf = ""
 
 
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Switch the file to WAL. Processes creating it at the same moment may find it locked:
+    the busy timeout does not cover this switch, so it is tried again for a while."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class SQLiteStore(Store):
     """A Store in one SQLite file; safe for many processes (WAL, immediate transactions)."""
 
@@ -68,7 +82,7 @@ class SQLiteStore(Store):
             self._db = sqlite3.connect(
                 self.path, isolation_level=None, timeout=60, check_same_thread=False
             )
-            self._db.execute("PRAGMA journal_mode=WAL")
+            _use_wal(self._db)
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
         except (sqlite3.Error, OSError) as e:
