@@ -14,6 +14,7 @@ from jobfleet.errors import JobfleetError
 from jobfleet.cli import run  # noqa: F401
 from jobfleet.cli import inspect  # noqa: F401
 from jobfleet.cli import explain  # noqa: F401
+from jobfleet.cli import results  # noqa: F401
 from jobfleet.cli import control  # noqa: F401
 # isort: on
 
