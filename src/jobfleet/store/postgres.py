@@ -319,23 +319,28 @@ class PostgresStore(Store):
     def _finish(
         self, c: Conn, now: float, worker_id: str, outcomes: Sequence[Outcome], retrying: bool,
     ) -> list[int]:
-        stale: list[int] = []
-        for o in outcomes:
-            if not self._finish_one(c, now, worker_id, o) and not (
-                    retrying and c.execute(_Q["recorded"], (o.key, o.token)).fetchone()):
-                stale.append(o.key)  # not ours any more (and not recorded by an earlier try)
-        return stale
+        recorded = self._succeed(c, now, worker_id, [o for o in outcomes if o.status == SUCCEEDED])
+        recorded |= {o.key for o in outcomes
+                     if o.status != SUCCEEDED and self._finish_one(c, now, worker_id, o)}
+        return [o.key for o in outcomes if o.key not in recorded and not (
+            # not ours any more, unless an earlier try recorded it
+            retrying and c.execute(_Q["recorded"], (o.key, o.token)).fetchone())]
+
+    @staticmethod
+    def _succeed(c: Conn, now: float, worker_id: str, done: list[Outcome]) -> set[int]:
+        """Record the successes whose token still holds the lease, in one statement (the hot
+        path); returns their keys."""
+        if not done:
+            return set()
+        return {k for (k,) in c.execute(_Q["succeed"], {
+            "now": now, "worker": worker_id, "keys": [o.key for o in done],
+            "tokens": [o.token for o in done], "exit_codes": [o.exit_code for o in done],
+            "started": [o.started_at for o in done], "results": [o.result for o in done],
+            "peak_rss": [o.peak_rss for o in done], "logs": [o.log for o in done]})}
 
     def _finish_one(self, c: Conn, now: float, worker_id: str, o: Outcome) -> bool:
-        """Record one outcome if its token still holds the lease; whether it did."""
-        if o.status == SUCCEEDED:  # the hot path: two statements settle the job
-            row = c.execute(_Q["succeed"], (o.exit_code, o.started_at, now, o.result, o.key,
-                                            o.token)).fetchone()
-            if row is None:
-                return False
-            c.execute(_Q["add_attempt"], (o.key, row[0], worker_id, o.token, SUCCEEDED, row[1],
-                                          now, o.exit_code, None, None, o.peak_rss, o.log))
-            return True
+        """Record one outcome other than success if its token still holds the lease; whether
+        it did."""
         if o.status == UNSTARTED:
             back = c.execute(_Q["hand_back"], {"key": o.key, "token": o.token, "now": now}
                              ).fetchone()

@@ -54,11 +54,27 @@ FROM jobs WHERE state = 'running' AND worker_id = %(worker)s
 ORDER BY id
 
 -- name: succeed
--- The hot path: a fenced success in one statement.
-UPDATE jobs SET state = 'succeeded', lease_token = NULL, lease_expires = NULL,
-    exit_code = %s, started_at = coalesce(%s, started_at), finished_at = %s, result = %s
-WHERE id = %s AND lease_token = %s AND state = 'running'
-RETURNING attempts, started_at
+-- The hot path: every success of a batch settled, fenced and its attempt written, in one
+-- statement; returns the keys recorded (the others' tokens no longer hold their lease).
+WITH done AS (
+    SELECT * FROM unnest(%(keys)s::bigint[], %(tokens)s::text[], %(exit_codes)s::int[],
+                         %(started)s::float8[], %(results)s::bytea[], %(peak_rss)s::bigint[],
+                         %(logs)s::text[])
+        AS o(key, token, exit_code, started_at, result, peak_rss, log)
+), settled AS (
+    UPDATE jobs j SET state = 'succeeded', lease_token = NULL, lease_expires = NULL,
+        exit_code = done.exit_code, started_at = coalesce(done.started_at, j.started_at),
+        finished_at = %(now)s, result = done.result
+    FROM done WHERE j.id = done.key AND j.lease_token = done.token AND j.state = 'running'
+    RETURNING j.id, j.attempts, j.started_at, done.token, done.exit_code, done.peak_rss,
+              done.log
+)
+INSERT INTO attempts (job_id, number, worker_id, token, state, started_at, finished_at,
+                      exit_code, peak_rss, log)
+SELECT id, attempts, %(worker)s, token, 'succeeded', started_at, %(now)s, exit_code,
+       peak_rss, log
+FROM settled
+RETURNING job_id
 
 -- name: hand_back
 -- A job leased ahead and never started goes back as if it had not been leased: no attempt is
