@@ -1,0 +1,55 @@
+"""`jobfleet dashboard`: serve the live pages, the JSON API and /metrics of one store."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from jobfleet.cli.app import BlobsOpt, StoreOpt, app, out, settings
+from jobfleet.errors import ConfigError
+
+
+@app.command()
+def dashboard(
+    host: Annotated[str, typer.Option(
+        "--host", help="Address to listen on; anything but loopback needs a token.")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8765,
+    store: StoreOpt = None,
+    blobs: BlobsOpt = None,
+) -> None:
+    """Serve a live dashboard, a JSON API (/docs) and Prometheus metrics (/metrics).
+
+    Retry and cancel always need the token (env JOBFLEET_DASHBOARD_TOKEN; on loopback a
+    random one is made and printed in the address to open).
+    """
+    from jobfleet.dashboard.access import TOKEN_ENV, is_loopback, new_token
+
+    token = os.environ.get(TOKEN_ENV, "").strip() or None
+    local = is_loopback(host)
+    if not local and token is None:
+        raise ConfigError(
+            f"the dashboard would listen on {host}, beyond this machine, without a token",
+            hint=f"set {TOKEN_ENV} to a long random secret (e.g. `openssl rand -hex 24`), "
+                 "or listen on --host 127.0.0.1")
+    try:
+        import uvicorn
+
+        from jobfleet.dashboard.app import create_app
+    except ImportError as e:
+        raise ConfigError(f"the dashboard needs packages that are not installed ({e.name})",
+                          hint="pip install 'jobfleet[dashboard]'") from None
+    s = settings(store, blobs)
+    made = token is None
+    token = token or new_token()
+    web = create_app(s.store, s.blobs, token, protect_reads=not local)
+    shown = f"[{host}]" if ":" in host else host
+    address = f"http://{shown}:{port}/"
+    secret = token if made else f"${TOKEN_ENV}"
+    out.print(escape(f"dashboard of {s.store}"))
+    out.print(escape(f"  open {address}?token={secret}  (once: this browser then keeps it)"))
+    out.print(escape(f"  API {address}docs   metrics {address}metrics"))
+    uvicorn.run(web, host=host, port=port, log_level="warning")
