@@ -193,7 +193,8 @@ class FsspecBlobs(Blobs):
 def _log_of(key: str) -> str | None:
     """The log a chunk's key belongs to (`logs/R/7-1.log` for `logs/R/7-1.log/000003`)."""
     folder, _, name = key.rpartition("/")
-    return folder if name.isdigit() and folder.endswith(".log") else None
+    is_chunk = name.isdigit() and folder.endswith(".log") and folder.startswith("logs/")
+    return folder if is_chunk else None
 
 
 def _past_end(e: BlobError) -> bool:
@@ -311,6 +312,7 @@ def open_remote(url: str) -> FsspecBlobs:
     if not parts.netloc:
         raise ConfigError(f"the blob store URL {url} names no bucket or host",
                           hint=f"e.g. {protocol}://my-bucket/jobfleet")
+    url = protocol + url[len(parts.scheme):]  # S3://... as s3://...
     fs = _filesystem(protocol, url)
     root = str(fs._strip_protocol(url)).rstrip("/")
     blobs = FsspecBlobs(fs, protocol, root, mask_url(f"{protocol}://{root}"))
@@ -351,7 +353,7 @@ def _check_bucket(blobs: FsspecBlobs, bucket: str) -> None:
     from jobfleet.errors import ConfigError
 
     try:
-        with blobs._io(f"find the bucket {bucket}"):
+        with blobs._io(f"reach the bucket '{bucket}'"):
             blobs.fs.call_s3("head_bucket", Bucket=bucket)
     except FileNotFoundError:
         endpoint = s3_options().get("client_kwargs", {}).get("endpoint_url")
