@@ -58,7 +58,8 @@ def finished_run(jf: Jobfleet, tmp_path: Path) -> str:
 
 @pytest.fixture
 def client(jf: Jobfleet) -> Iterator[TestClient]:
-    with TestClient(create_app(str(jf.store_path), str(jf.blobs), TOKEN)) as c:
+    app = create_app(str(jf.store_path), str(jf.blobs), TOKEN)
+    with TestClient(app, base_url="http://127.0.0.1:8765") as c:
         yield c
 
 
@@ -154,7 +155,7 @@ def test_actions_always_need_the_token(jf: Jobfleet, finished_run: str, tmp_path
     assert client.post(retry, headers={"X-Jobfleet-Token": "wrong"}).status_code == 401
     # neither a token in the URL nor the browser's cookie authorizes a change
     assert client.post(retry, params={"token": TOKEN}).status_code == 401
-    client.cookies.set("jobfleet_token_0", TOKEN)
+    client.cookies.set("jobfleet_token_8765", TOKEN)
     assert client.post(retry).status_code == 401
     assert jf.json("status", run)["counts"]["failed"] == 1
 
@@ -190,7 +191,7 @@ def test_a_browser_is_given_the_token_once(jf: Jobfleet, finished_run: str,
 
 def test_reads_need_the_token_beyond_loopback(jf: Jobfleet, finished_run: str) -> None:
     app = create_app(str(jf.store_path), str(jf.blobs), TOKEN, protect_reads=True)
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://192.0.2.1:8765") as c:
         for path in ("/", f"/runs/{finished_run}", "/api/runs", "/metrics", "/openapi.json"):
             assert c.get(path).status_code == 401, path
         assert "?token=" in c.get("/").text  # and the page says how to get in
@@ -200,6 +201,36 @@ def test_reads_need_the_token_beyond_loopback(jf: Jobfleet, finished_run: str) -
         assert c.get("/metrics", headers=bearer).status_code == 200
         c.get("/", params={"token": TOKEN})
         assert c.get("/api/runs").status_code == 200  # the browser's cookie
+
+
+def test_open_reading_is_for_this_machine_only(jf: Jobfleet, finished_run: str) -> None:
+    """A page of another site whose name was made to point here (DNS rebinding) reads nothing."""
+    app = create_app(str(jf.store_path), str(jf.blobs), TOKEN)
+    with TestClient(app, base_url="http://rebound.example:8765") as c:
+        refused = c.get("/api/runs")
+        assert refused.status_code == 401 and "rebound.example" in refused.json()["detail"]
+        assert c.get("/api/runs", headers={"X-Jobfleet-Token": TOKEN}).status_code == 200
+    with TestClient(app, base_url="http://localhost:8765") as c:
+        assert c.get("/api/runs").status_code == 200
+
+
+def test_a_long_log_is_read_in_pages_and_shown_by_its_end(jf: Jobfleet,
+                                                          client: TestClient) -> None:
+    run = jf.submit("--each", "seq 1 {}", "100000")
+    jf("worker", "--idle-exit", "1", check=0)
+    whole = jf.log(run, 1)
+    assert len(whole) > 2 * 256 * 1024
+    pages, offset = [], 0
+    while True:
+        r = client.get(f"/api/jobs/{run}-1/log", params={"offset": offset})
+        pages.append(r.text)
+        offset = int(r.headers["x-next-offset"])
+        if r.headers["x-log-complete"] == "1":
+            break
+        assert r.headers["x-log-more"] == "1" and len(pages) < 10
+    assert "".join(pages) == whole and len(pages) == 3
+    page = client.get(f"/jobs/{run}-1").text
+    assert "\n100000\n</pre>" in page and "are left out" in page and "\n1\n2\n" not in page
 
 
 def test_the_command_refuses_to_listen_beyond_loopback_without_a_token(jf: Jobfleet) -> None:

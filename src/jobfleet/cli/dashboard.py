@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
+from jobfleet.blobs import mask_url
 from jobfleet.cli.app import BlobsOpt, StoreOpt, app, out, settings
 from jobfleet.errors import ConfigError
 
@@ -49,7 +50,7 @@ def dashboard(
     shown = f"[{host}]" if ":" in host else host
     address = f"http://{shown}:{port}/"
     secret = token if made else f"${TOKEN_ENV}"
-    out.print(escape(f"dashboard of {s.store}"))
+    out.print(escape(f"dashboard of {mask_url(s.store)}"))
     out.print(escape(f"  open {address}?token={secret}  (once: this browser then keeps it)"))
     out.print(escape(f"  API {address}docs   metrics {address}metrics"))
     uvicorn.run(web, host=host, port=port, log_level="warning")

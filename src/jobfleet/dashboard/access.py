@@ -83,7 +83,8 @@ class StorePerThread:
     """
 
     def __init__(self, url: str, opener: Callable[[str], Store]) -> None:
-        self.url = url
+        self._url = url
+        self.url = url  # as the store shows itself (a password masked) once one is open
         self._open = opener
         self._local = threading.local()
         self._all: list[Store] = []
@@ -94,7 +95,8 @@ class StorePerThread:
         held: tuple[int, Store] | None = getattr(self._local, "held", None)
         if held is not None and held[0] == self._generation:
             return held[1]
-        db = self._open(self.url)
+        db = self._open(self._url)
+        self.url = db.url
         with self._lock:
             self._all.append(db)
             self._local.held = (self._generation, db)

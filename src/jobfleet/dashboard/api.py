@@ -175,7 +175,7 @@ def api_job(job: str, db: Db) -> JobDetailOut:
                               "description": "The log from `offset`. Headers: X-Attempt (which "
                               "attempt), X-Next-Offset (where to read on), X-Log-Complete "
                               "(1 once the attempt has ended and everything is read), "
-                              "X-Job-State."}})
+                              "X-Log-More (1: more can be read at once), X-Job-State."}})
 def api_log(job: str, ctx: Ctx, db: Db,
             attempt: Annotated[int | None, Query(ge=1, description="default: the latest")] = None,
             offset: Annotated[int, Query(ge=0)] = 0) -> Response:
@@ -183,7 +183,8 @@ def api_log(job: str, ctx: Ctx, db: Db,
     page = read_log(db, ctx.blobs, job, attempt, offset)
     return Response(page.text, media_type="text/plain; charset=utf-8", headers={
         "X-Attempt": str(page.attempt), "X-Next-Offset": str(page.next_offset),
-        "X-Log-Complete": "1" if page.complete else "0", "X-Job-State": page.job_state,
+        "X-Log-Complete": "1" if page.complete else "0", "X-Log-More": "1" if page.more else "0",
+        "X-Job-State": page.job_state,
         "Cache-Control": "no-store"})
 
 

@@ -13,7 +13,7 @@ from fastapi.templating import Jinja2Templates
 
 from jobfleet.blobs import open_blobs
 from jobfleet.dashboard import api, pages
-from jobfleet.dashboard.access import TOKEN_PARAM, StorePerThread, Token, new_token
+from jobfleet.dashboard.access import TOKEN_PARAM, StorePerThread, Token, is_loopback, new_token
 from jobfleet.dashboard.context import Context
 from jobfleet.dashboard.metrics import Metrics
 from jobfleet.dashboard.views import RunViews
@@ -116,6 +116,11 @@ async def _guard(token: Token, request: Request,
     request.state.has_token = has_token
     if token.protect_reads and not has_token:
         return _refuse(request, "this dashboard needs its token")
+    if not has_token and not is_loopback(request.url.hostname or ""):
+        # open reading is for this machine's browsers: a page of another site that has made
+        # its own name point here (DNS rebinding) must not read the jobs
+        return _refuse(request, f"this dashboard answers at 127.0.0.1 or localhost, not at"
+                                f" {request.url.hostname}, unless given its token")
     return await call_next(request)
 
 

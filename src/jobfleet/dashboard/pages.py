@@ -110,7 +110,7 @@ def run_fragment(request: Request, ctx: Ctx, ref: str, state: StateQuery = None)
 def job_page(request: Request, ctx: Ctx, ref: str) -> HTMLResponse:
     db = _db(ctx)
     view = job_view(db, ref)
-    log = read_log(db, ctx.blobs, view.job.id)
+    log = read_log(db, ctx.blobs, view.job.id, tail=True)  # a long log: its end
     return render(request, "job.html", v=view, log=log)
 
 

@@ -183,11 +183,13 @@ class LogPage:
     text: str
     complete: bool
     job_state: str
+    more: bool = False  # more is there to read right away (the page was full)
 
 
 def read_log(db: Store, blobs: Blobs, ref: str, attempt: int | None = None, offset: int = 0,
-             limit: int = LOG_PAGE) -> LogPage:
-    """Read a job's log (the latest attempt unless told) from `offset`.
+             limit: int = LOG_PAGE, tail: bool = False) -> LogPage:
+    """Read a job's log (the latest attempt unless told) from `offset`, or with `tail` its
+    last `limit` bytes.
 
     The job's state is read before the log, so when the attempt had already ended, the text
     read after it is all there is.
@@ -199,12 +201,19 @@ def read_log(db: Store, blobs: Blobs, ref: str, attempt: int | None = None, offs
     if not 1 <= n <= j.attempts:
         raise NotFound(f"job {j.id} has no attempt {n}", hint=f"it has 1 to {j.attempts}")
     ended = n < j.attempts or j.state != "running"
-    data = blobs.read(log_key(j.run_id, j.seq, n), offset, limit)
-    complete = ended and len(data) < limit
+    key = log_key(j.run_id, j.seq, n)
+    if tail:
+        offset = max(0, (blobs.size(key) or 0) - limit)
+    data = blobs.read(key, offset, limit)
+    if offset and tail:  # start at a whole character
+        skip = next((i for i, b in enumerate(data[:4]) if b & 0xC0 != 0x80), 0)
+        data, offset = data[skip:], offset + skip
+    full = len(data) >= limit
+    complete = ended and not full
     # a page that may go on ends at a whole UTF-8 character; the rest comes with the next one
     cut = len(data) if complete else _whole_chars(data)
     return LogPage(n, offset, offset + cut, data[:cut].decode("utf-8", "replace"), complete,
-                   j.state)
+                   j.state, full)
 
 
 def _whole_chars(data: bytes) -> int:

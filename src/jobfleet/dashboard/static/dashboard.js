@@ -43,13 +43,15 @@
           return setTimeout(follow, 0);
         }
         log.textContent += await r.text();
+        if (log.textContent.length > 4e6) log.textContent = log.textContent.slice(-2e6);
         if (log.textContent) document.getElementById("log-empty").hidden = true;
         d.offset = r.headers.get("X-Next-Offset");
+        d.more = r.headers.get("X-Log-More");
         const state = r.headers.get("X-Job-State");
         d.done = r.headers.get("X-Log-Complete") === "1" && state !== "queued" && state !== "running" ? "1" : "0";
       }
     } catch (e) { /* the server is away: try again */ }
-    if (d.done !== "1") setTimeout(follow, 1000);
+    if (d.done !== "1") setTimeout(follow, d.more === "1" ? 0 : 1000);
   }
   if (log && log.dataset.done !== "1") setTimeout(follow, 1000);
 
