@@ -8,6 +8,7 @@ AWS_ENDPOINT_URL) are set only for these tests and the commands they start.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import socket
@@ -440,7 +441,7 @@ def test_big_call_values_travel_through_s3(jf: Jobfleet, s3: S3) -> None:
     p = subprocess.run([sys.executable, str(path)], cwd=jf.cwd, env=env, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
-    out = __import__("json").loads(p.stdout.splitlines()[-1])
+    out = json.loads(p.stdout.splitlines()[-1])
     assert out == {"ok": True, "removed": 2, "run": out["run"]}
     assert not [k for k in s3.objects() if "/payloads/" in k or "/results/" in k]
     assert any(k.startswith("prefix/functions/") for k in s3.objects())
