@@ -264,6 +264,26 @@ def parse_metrics(text: str) -> dict[str, float]:
     return samples
 
 
+def test_queue_wait_leaves_out_backoff_and_counts_from_a_retry() -> None:
+    from jobfleet.dashboard.metrics import tally
+    from jobfleet.store import Event, Run
+
+    run = Run("r", None, None, None, created_at=100.0, total=1, cancelled=False)
+    t = tally(run, [
+        Event(100.0, "submitted", "r", None, None, {"jobs": 1}),
+        Event(102.0, "leased", "r", 1, "w", {"attempt": 1}),  # waited 2
+        Event(105.0, "failed", "r", 1, "w", {"attempt": 1, "then": "queued", "retry_at": 110.0}),
+        Event(111.0, "leased", "r", 1, "w", {"attempt": 2}),  # waited 1: the backoff left out
+        Event(112.0, "failed", "r", 1, "w", {"attempt": 2, "then": "failed"}),
+        Event(200.0, "retried", "r", None, None, {"jobs": 1}),  # `jobfleet retry RUN`
+        Event(204.0, "leased", "r", 1, "w", {"attempt": 3}),  # waited 4
+        Event(205.0, "succeeded", "r", 1, "w", {"attempt": 3}),
+    ])
+    assert (t.waits.total, sum(t.waits.counts)) == (7.0, 3)
+    assert (t.durations["failed"].total, t.durations["succeeded"].total) == (4.0, 1.0)
+    assert t.retries == {"automatic": 1, "manual": 1} and t.attempts["failed"] == 2
+
+
 def test_metrics_count_jobs_attempts_durations_waits_and_retries(
         jf: Jobfleet, finished_run: str, client: TestClient) -> None:
     r = client.get("/metrics")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from typing import Annotated
 
 import typer
@@ -24,8 +25,7 @@ def dashboard(
 ) -> None:
     """Serve a live dashboard, a JSON API (/docs) and Prometheus metrics (/metrics).
 
-    Retry and cancel always need the token (env JOBFLEET_DASHBOARD_TOKEN; on loopback a
-    random one is made and printed in the address to open).
+    Retry and cancel always need the token (JOBFLEET_DASHBOARD_TOKEN, or one made and printed).
     """
     from jobfleet.dashboard.access import TOKEN_ENV, is_loopback, new_token
 
@@ -47,7 +47,9 @@ def dashboard(
     made = token is None
     token = token or new_token()
     web = create_app(s.store, s.blobs, token, protect_reads=not local)
-    shown = f"[{host}]" if ":" in host else host
+    # every address: name the machine, which is what another one would open
+    shown = socket.gethostname() if host in ("0.0.0.0", "::") else host
+    shown = f"[{shown}]" if ":" in shown else shown
     address = f"http://{shown}:{port}/"
     secret = token if made else f"${TOKEN_ENV}"
     out.print(escape(f"dashboard of {mask_url(s.store)}"))
