@@ -393,8 +393,6 @@ def test_jobfleet_run_on_s3_records_logs_that_jobfleet_logs_reads(jf: Jobfleet, 
     assert not (tmp_path / "state" / "blobs").exists()  # nothing went to the local folder
 
 
-@pytest.mark.xfail(reason="worker wiring pending: the worker does not call LogWriter.tick yet",
-                   strict=False)
 def test_logs_follow_on_s3_streams_while_the_job_runs(jf: Jobfleet, s3: S3,
                                                       tmp_path: Path) -> None:
     write_csv(tmp_path / "jobs.csv", ["command", "timeout"], [
@@ -506,8 +504,6 @@ def test_results_refuses_names_that_climb_out(tmp_path: Path) -> None:
             relative_name(key, "outputs/r1", blobs)
 
 
-@pytest.mark.xfail(reason="worker wiring pending: the worker does not call upload_outputs yet",
-                   strict=False)
 @pytest.mark.parametrize("kind", ["local", "s3"])
 def test_jobfleet_run_uploads_declared_outputs(jf: Jobfleet, tmp_path: Path, kind: str,
                                                request: pytest.FixtureRequest) -> None:

@@ -19,7 +19,7 @@ from jobfleet.blobs import Blobs, LogWriter, log_key
 from jobfleet.sandbox import Child, ProcessSandbox
 from jobfleet.store import UNSTARTED, Capacity, Lease, Outcome, Store, WorkerInfo
 from jobfleet.worker.calls import RECYCLE_AFTER, Runner
-from jobfleet.worker.outputs import missing_outputs, outputs_done
+from jobfleet.worker.outputs import missing_outputs, outputs_done, upload_outputs
 
 log = logging.getLogger("jobfleet.worker")
 
@@ -218,6 +218,7 @@ class Worker:
                 self._start_ready()
             now = time.monotonic()
             self._enforce_limits(now)
+            self._tick_logs(now)
             if now >= t.next_beat:
                 self._heartbeat(now)
                 t.next_beat = now + t.beat_every
@@ -244,6 +245,8 @@ class Worker:
                 wake.append(r.kill_at)
             elif r.deadline is not None:
                 wake.append(r.deadline)
+            if r.log.due_at is not None:
+                wake.append(r.log.due_at)
         return min(wake)
 
     def _wait(self, poller: select.poll, until: float) -> list[Outcome]:
@@ -526,6 +529,12 @@ class Worker:
             elif r.deadline is not None and now >= r.deadline:
                 self._kill(r, "timeout", now)
 
+    def _tick_logs(self, now: float) -> None:
+        """Store output a log writer held back for long enough (remote blob stores)."""
+        for r in self.running.values():
+            if r.log.due_at is not None and now >= r.log.due_at:
+                r.log.tick(now)
+
     def _reaped(self, r: _Running) -> Outcome:
         if isinstance(r.child, Runner):
             return self._call_died(r)
@@ -538,13 +547,24 @@ class Worker:
             status, reason = stopped
         elif code == 0:
             status = "succeeded"
-            missing = missing_outputs(spec.outputs, self._workdir(r.lease)) if spec.outputs else []
-            if missing:
-                status, reason = "failed", f"declared output missing: {', '.join(missing)}"
+            if spec.outputs:
+                status, reason = self._collect_outputs(r.lease)
         else:
             status = "failed"
             reason = f"exit code {code}" if sig is None else f"killed by signal {sig}"
         return self._ended(r, status, exit_code=code, signal=sig, reason=reason, peak_rss=peak)
+
+    def _collect_outputs(self, lease: Lease) -> tuple[str, str | None]:
+        """Store a successful job's declared outputs in the blob store; (status, reason)."""
+        cwd, patterns = self._workdir(lease), lease.spec.outputs
+        missing = missing_outputs(patterns, cwd)
+        if missing:
+            return "failed", f"declared output missing: {', '.join(missing)}"
+        try:
+            upload_outputs(self.blobs, lease.run_id, lease.seq, patterns, cwd)
+        except OSError as e:
+            return "failed", f"could not store its outputs in {self.blobs.url}: {e}"
+        return "succeeded", None
 
     @staticmethod
     def _stopped(r: _Running) -> tuple[str, str] | None:
