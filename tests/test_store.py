@@ -268,6 +268,36 @@ def test_heartbeat_with_a_stale_token_reports_the_lease_lost(store: Store, clock
     assert beat.lost == {x.key}
 
 
+def test_a_finish_racing_a_reap_is_recorded_once(make_store: StoreFactory, clock: Clock) -> None:
+    """A worker reports just as another process reaps its expired lease: one of them wins, and
+    the job has one attempt, whichever it was."""
+    worker, reaper = make_store(clock), make_store(clock)
+    run_id = submit(worker, *(job(retry_delay=0) for _ in range(20)))
+    leases = worker.lease("w", BIG, 10)
+    clock.advance(11)
+    start = threading.Barrier(2)
+    results: dict[str, Any] = {}
+
+    def finish() -> None:
+        start.wait()
+        results["stale"] = worker.finish("w", [Outcome(x.key, x.token, "succeeded", exit_code=0)
+                                               for x in leases])
+
+    def reap() -> None:
+        start.wait()
+        results["reaped"] = reaper.reap()
+
+    threads = [threading.Thread(target=finish), threading.Thread(target=reap)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(results["stale"]) == results["reaped"]
+    counts = worker.counts(run_id)
+    assert (counts["succeeded"], counts["queued"]) == (20 - results["reaped"], results["reaped"])
+    assert all(len(worker.attempts(x.key)) == 1 for x in leases)
+
+
 # -- expiry, retries, dead letters -----------------------------------------------------------
 
 def test_expired_lease_requeues_and_counts_an_attempt(store: Store, clock: Clock) -> None:

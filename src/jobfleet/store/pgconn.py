@@ -42,8 +42,8 @@ _HINT = ("check that the PostgreSQL server is running and reachable from this ma
 
 def _reason(e: BaseException, secret: str | None) -> str:
     """A driver error in one line, with the password (if any) scrubbed."""
-    text = " ".join(str(e).split())
-    text = text.removeprefix("connection failed: ")
+    lines = (" ".join(line.split()) for line in str(e).splitlines())
+    text = "; ".join(line for line in lines if line).removeprefix("connection failed: ")
     return text.replace(secret, MASK) if secret else text
 
 
@@ -151,10 +151,11 @@ class Connector:
                     time.sleep(timeout)
                 return
             try:
-                ready, _, _ = select.select([conn.fileno()], [], [], max(0.0, timeout))
-                if ready:
+                socket = select.poll()
+                socket.register(conn.fileno(), select.POLLIN)
+                if socket.poll(max(0, round(timeout * 1000))):
                     self._drain(conn)
-            except (OSError, ValueError, psycopg.OperationalError):
+            except (OSError, psycopg.OperationalError):
                 conn.close()  # the next call listens again
 
     def _listen(self) -> Conn:
