@@ -48,3 +48,19 @@ def after_attempt(
     if used < max_attempts:
         return QUEUED, now + backoff(retry_delay, used)
     return FAILED, 0.0
+
+
+def ended_event(status: str, state: str, not_before: float, *, attempt: int,
+                exit_code: int | None, signal: int | None,
+                reason: str | None) -> tuple[str, dict[str, object]]:
+    """The event that records how an attempt ended and what became of its job: kind, detail."""
+    detail: dict[str, object] = {"attempt": attempt, "then": state}
+    if exit_code is not None:
+        detail["exit_code"] = exit_code
+    if signal is not None:
+        detail["signal"] = signal
+    if reason:
+        detail["reason"] = reason
+    if state == QUEUED and status != "released":
+        detail["retry_at"] = round(not_before, 3)
+    return ("lease_expired" if status == "lost" else status), detail

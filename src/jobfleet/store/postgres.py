@@ -99,11 +99,8 @@ class PostgresStore(Store):
         worker_id: str | None = None,
         **detail: object,
     ) -> None:
-        c.execute(
-            "INSERT INTO events (at, kind, run_id, job_id, worker_id, detail)"
-            " VALUES (%s, %s, %s, %s, %s, %s)",
-            (now, kind, run_id, job_key, worker_id, json.dumps(detail) if detail else None),
-        )
+        c.execute(_Q["add_event"], (now, kind, run_id, job_key, worker_id,
+                                    json.dumps(detail) if detail else None))
 
     # -- submission -------------------------------------------------------------------------
     def submit(self, run: NewRun, jobs: Iterable[JobSpec],
@@ -123,9 +120,7 @@ class PostgresStore(Store):
                 if run.id:
                     raise StoreError(f"a run {run.id} exists already")
                 run_id = secrets.token_hex(4)
-            c.execute("INSERT INTO runs (id, name, source, workdir, created_at, total)"
-                      " VALUES (%s, %s, %s, %s, %s, 0)",
-                      (run_id, run.name, run.source, run.workdir, now))
+            c.execute(_Q["add_run"], (run_id, run.name, run.source, run.workdir, now))
             total = self._insert_jobs(c, run_id, 1, specs, pays)
             self._event(c, now, "submitted", run_id, jobs=total, source=run.source)
             c.execute(_NOTIFY)
@@ -159,9 +154,8 @@ class PostgresStore(Store):
     @staticmethod
     def _appended(c: Conn, run_id: str, first: int, specs: list[JobSpec]) -> bool:
         """Whether the jobs an earlier try appended from `first` are there already."""
-        found = dict(c.execute(
-            "SELECT seq, spec FROM jobs WHERE run_id = %s AND seq IN (%s, %s)",
-            (run_id, first, first + len(specs) - 1)).fetchall())
+        found = dict(c.execute("SELECT seq, spec FROM jobs WHERE run_id = %s AND seq IN (%s, %s)",
+                               (run_id, first, first + len(specs) - 1)).fetchall())
         return (found.get(first) == specs[0].to_json()
                 and found.get(first + len(specs) - 1) == specs[-1].to_json())
 
@@ -176,12 +170,7 @@ class PostgresStore(Store):
             for seq, j in enumerate(jobs, first)
         ]
         with c.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO jobs (run_id, seq, name, cpus, memory, gpus, max_attempts,"
-                " retry_delay, retry_on, spec, payload)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                rows,
-            )
+            cur.executemany(_Q["add_job"], rows)
         c.execute("UPDATE runs SET total = %s WHERE id = %s", (first - 1 + len(rows), run_id))
         return len(rows)
 
@@ -295,9 +284,7 @@ class PostgresStore(Store):
             held = {k for (k,) in c.execute(_Q["extend"], {
                 "expires": now + lease_seconds, "keys": [k for k, _ in leases],
                 "tokens": [t for _, t in leases]})} if leases else set()
-            c.execute("UPDATE workers SET heartbeat_at = %s,"
-                      " jobs_done = coalesce(%s, jobs_done) WHERE id = %s",
-                      (now, jobs_done, worker_id))
+            c.execute(_Q["beat"], (now, jobs_done, worker_id))
             lost = frozenset(k for k, _ in leases if k not in held)
             return Beat(lost, self._cancel_requests(c, worker_id))
 
@@ -386,18 +373,10 @@ class PostgresStore(Store):
                                  started_at, None if state == QUEUED else now, result, key))
         c.execute(_Q["add_attempt"], (key, attempts, worker_id, token, status, started_at, now,
                                       exit_code, signal, reason, peak_rss, log))
-        detail: dict[str, object] = {"attempt": attempts, "then": state}
-        if exit_code is not None:
-            detail["exit_code"] = exit_code
-        if signal is not None:
-            detail["signal"] = signal
-        if reason:
-            detail["reason"] = reason
         if state == QUEUED:
             c.execute(_NOTIFY)
-            if status != "released":
-                detail["retry_at"] = round(not_before, 3)
-        kind = "lease_expired" if status == "lost" else status
+        kind, detail = policy.ended_event(status, state, not_before, attempt=attempts,
+                                          exit_code=exit_code, signal=signal, reason=reason)
         self._event(c, now, kind, run_id, key, worker_id, **detail)
 
     def reap(self) -> int:
@@ -441,7 +420,7 @@ class PostgresStore(Store):
         self._db.wait(timeout)
 
     # -- the user's side --------------------------------------------------------------------
-    def _all(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    def _all(self, sql: str, args: Sequence[Any] | dict[str, Any] = ()) -> list[tuple[Any, ...]]:
         return self._read(lambda c: c.execute(sql, args).fetchall())
 
     @staticmethod
@@ -519,20 +498,7 @@ class PostgresStore(Store):
         return Job(*rows[0])
 
     def attempts(self, job_key: int) -> list[Attempt]:
-        def read(c: Conn) -> list[Attempt]:
-            found = [Attempt(*r) for r in c.execute(
-                "SELECT job_id, number, worker_id, state, started_at, finished_at, exit_code,"
-                " signal, reason, peak_rss, log FROM attempts WHERE job_id = %s ORDER BY number",
-                (job_key,))]
-            running = c.execute("SELECT attempts, worker_id, started_at FROM jobs"
-                                " WHERE id = %s AND state = 'running'", (job_key,)).fetchone()
-            if running:
-                number, worker_id, started_at = running
-                found.append(Attempt(job_key, number, worker_id, "running",
-                                     started_at, None, None, None, None, None, None))
-            return found
-
-        return self._read(read)
+        return [Attempt(*r) for r in self._all(_Q["attempts"], {"key": job_key})]
 
     def events(self, run_id: str | None = None, job_key: int | None = None) -> list[Event]:
         def where(job_column: str, run_column: str) -> tuple[str, list[Any]]:

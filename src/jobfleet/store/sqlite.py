@@ -366,16 +366,8 @@ class SQLiteStore(Store):
         )
         c.execute(_Q["add_attempt"], (key, attempts, worker_id, token, status, started_at, now,
                                  exit_code, signal, reason, peak_rss, log))
-        detail: dict[str, object] = {"attempt": attempts, "then": state}
-        if exit_code is not None:
-            detail["exit_code"] = exit_code
-        if signal is not None:
-            detail["signal"] = signal
-        if reason:
-            detail["reason"] = reason
-        if state == QUEUED and status != "released":
-            detail["retry_at"] = round(not_before, 3)
-        kind = "lease_expired" if status == "lost" else status
+        kind, detail = policy.ended_event(status, state, not_before, attempt=attempts,
+                                          exit_code=exit_code, signal=signal, reason=reason)
         self._event(c, now, kind, run_id, key, worker_id, **detail)
 
     def reap(self) -> int:

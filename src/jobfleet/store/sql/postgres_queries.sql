@@ -120,6 +120,31 @@ FROM unnest(%(keys)s::bigint[], %(tokens)s::text[]) AS held(key, token)
 WHERE j.id = held.key AND j.lease_token = held.token AND j.state = 'running'
 RETURNING j.id
 
+-- name: add_run
+INSERT INTO runs (id, name, source, workdir, created_at, total) VALUES (%s, %s, %s, %s, %s, 0)
+
+-- name: add_job
+INSERT INTO jobs (run_id, seq, name, cpus, memory, gpus, max_attempts, retry_delay, retry_on,
+                  spec, payload)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+
+-- name: add_event
+INSERT INTO events (at, kind, run_id, job_id, worker_id, detail) VALUES (%s, %s, %s, %s, %s, %s)
+
+-- name: beat
+-- A worker's heartbeat (and how many jobs it has finished, when given).
+UPDATE workers SET heartbeat_at = %s, jobs_done = coalesce(%s, jobs_done) WHERE id = %s
+
+-- name: attempts
+-- A job's attempts: those that ended, then the one under way (from its job's row).
+SELECT job_id, number, worker_id, state, started_at, finished_at, exit_code, signal, reason,
+       peak_rss, log
+FROM attempts WHERE job_id = %(key)s
+UNION ALL
+SELECT id, attempts, worker_id, 'running', started_at, NULL, NULL, NULL, NULL, NULL, NULL
+FROM jobs WHERE id = %(key)s AND state = 'running'
+ORDER BY number
+
 -- name: add_worker
 INSERT INTO workers (id, host, pid, slots, cpus, memory, gpus, lease_seconds, run_id, state,
                      started_at, heartbeat_at, jobs_done)
