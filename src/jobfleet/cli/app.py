@@ -52,3 +52,8 @@ def worker_options(s: Settings, **decided: Any) -> WorkerOptions:
 
 def connect(s: Settings) -> tuple[Store, Blobs]:
     return open_store(s.store), open_blobs(s.blobs)
+
+
+def connect_store(s: Settings) -> Store:
+    """The store alone, for commands that read no blobs (a remote blob store costs a request)."""
+    return open_store(s.store)

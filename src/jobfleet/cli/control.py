@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from jobfleet.cli.app import BlobsOpt, StoreOpt, app, connect, out, settings, worker_options
+from jobfleet.cli.app import BlobsOpt, StoreOpt, app, connect, connect_store, out, settings, worker_options
 from jobfleet.spec import parse_size
 
 RefArg = Annotated[str, typer.Argument(metavar="RUN|JOB", help="A run id, or a job id RUN-N.")]
@@ -16,7 +16,7 @@ RefArg = Annotated[str, typer.Argument(metavar="RUN|JOB", help="A run id, or a j
 @app.command()
 def retry(ref: RefArg, store: StoreOpt = None) -> None:
     """Requeue failed jobs (of a run, or one job) with a fresh attempt budget."""
-    db, _ = connect(settings(store))
+    db = connect_store(settings(store))
     if "-" in ref:
         j = db.job(ref)
         n, run_id = db.retry(j.run_id, j.key), j.run_id
@@ -31,7 +31,7 @@ def retry(ref: RefArg, store: StoreOpt = None) -> None:
 @app.command()
 def cancel(ref: RefArg, store: StoreOpt = None) -> None:
     """Cancel queued jobs now; their workers kill running ones within a second or two."""
-    db, _ = connect(settings(store))
+    db = connect_store(settings(store))
     if "-" in ref:
         j = db.job(ref)
         done, asked = db.cancel(j.run_id, j.key)

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from jobfleet.blobs import log_key
-from jobfleet.cli.app import BlobsOpt, JsonOpt, StoreOpt, app, connect, err, out, settings
+from jobfleet.cli.app import BlobsOpt, JsonOpt, StoreOpt, app, connect, connect_store, err, out, settings
 from jobfleet.cli.fmt import (
     STATE_STYLE,
     ago,
@@ -36,7 +36,7 @@ def runs(
     json: JsonOpt = False,
 ) -> None:
     """List runs, newest first."""
-    db, _ = connect(settings(store))
+    db = connect_store(settings(store))
     rows = [(r, db.counts(r.id)) for r in db.runs(limit)]
     if json:
         out.print(dumps([run_json(r, c) for r, c in rows]))
@@ -61,7 +61,7 @@ def status(
     json: JsonOpt = False,
 ) -> None:
     """Counts of a run's jobs by state."""
-    db, _ = connect(settings(store))
+    db = connect_store(settings(store))
     r = db.run(run)
     counts = db.counts(r.id)
     if json:
@@ -85,7 +85,7 @@ def jobs(
     """List a run's jobs."""
     if state is not None and state not in STATES:
         raise SpecError(f"unknown state '{state}'", hint=f"states are: {', '.join(STATES)}")
-    db, _ = connect(settings(store))
+    db = connect_store(settings(store))
     found = db.jobs(db.run(run).id, state, limit)
     if json:
         out.print(dumps([job_json(j) for j in found]))
@@ -152,7 +152,7 @@ def events(
     json: JsonOpt = False,
 ) -> None:
     """The timeline of a run or a job: leases, results, retries, cancels."""
-    db, _ = connect(settings(store))
+    db = connect_store(settings(store))
     if "-" in ref:
         j = db.job(ref)
         found, names = db.events(job_key=j.key), {j.key: j.id}
@@ -175,7 +175,7 @@ def events(
 @app.command()
 def workers(store: StoreOpt = None, json: JsonOpt = False) -> None:
     """Workers that have used this store, and whether they are alive."""
-    db, _ = connect(settings(store))
+    db = connect_store(settings(store))
     now = time.time()
     rows = db.workers()
 

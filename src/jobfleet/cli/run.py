@@ -17,6 +17,7 @@ from jobfleet.cli.app import (
     StoreOpt,
     app,
     connect,
+    connect_store,
     err,
     out,
     settings,
@@ -84,7 +85,7 @@ def submit(
     """Store the jobs as a new run and return; workers pick them up (`jobfleet worker`)."""
     jobs, source = load_jobs(args, each)
     s = settings(store, blobs)
-    db, _ = connect(s)
+    db = connect_store(s)
     run_id = db.submit(NewRun(name=name, source=source, workdir=os.getcwd()), jobs)
     if json:
         out.print(dumps({"run": run_id, "jobs": len(jobs), "store": db.url}))
