@@ -107,3 +107,36 @@ def test_calls_smoke_run_times_jobfleet_against_ray_and_a_process_pool(tmp_path:
     assert set(report["results"]) == set(rows)
     assert report["results"]["jobfleet"]["map_seconds"][0] > 0
     assert set(report["ratios"]) == {f"{name}/jobfleet" for name in rows if name != "jobfleet"}
+
+
+FLEET = ROOT / "benchmarks" / "fleet.py"
+
+
+def test_fleet_smoke_run_reports_throughput_and_latency_per_store(tmp_path: Path) -> None:
+    out = tmp_path / "fleet.json"
+    # PostgreSQL runs if the server of --pg (env JOBFLEET_BENCH_PG) is reachable, else it is
+    # skipped; in CI a missing server is a failure
+    extra = ["--require-postgres"] if os.environ.get("CI") else []
+    p = subprocess.run([sys.executable, str(FLEET), "--jobs", "50", "--repeat", "1",
+                        "--latency-samples", "3", "--json", str(out), *extra],
+                       cwd=ROOT, capture_output=True, text=True, timeout=110,
+                       stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, f"stdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+    report: dict[str, Any] = json.loads(out.read_text())
+    skipped = "skipped" in report["postgres"]
+    expected = {"sqlite-1"} | (set() if skipped else {"postgres-2", "postgres-4"})
+    configs = report["throughput"]["configurations"]
+    assert set(configs) == expected
+    for name, entry in configs.items():
+        assert len(entry["seconds"]) == 1 and entry["seconds"][0] > 0, name
+        assert entry["jobs_per_second"] > 0, name
+        assert sum(entry["jobs_per_worker"][0]) == 50, name
+    assert set(report["throughput"]["ratios"]) == {f"{n}/sqlite-1" for n in expected - {"sqlite-1"}}
+    assert set(report["latency"]) == {"sqlite"} | (set() if skipped else {"postgres"})
+    for store, entry in report["latency"].items():
+        assert len(entry["ms"]) == 3 and entry["median_ms"] > 0 and entry["p90_ms"] > 0, store
+    assert {g["status"] for g in report["goals"]} <= {"PASS", "FAIL", "SKIP"}
+    assert len(report["goals"]) == 3
+    for goal in report["goals"]:
+        assert goal["line"] in p.stdout
+    assert ("skipping postgres" in p.stdout) if skipped else ("postgres-4" in p.stdout)
