@@ -265,12 +265,18 @@ class Store(abc.ABC):
         return (self.finish(worker_id, outcomes),
                 self.lease(worker_id, free, lease_seconds, run_id, ahead))
 
-    def wait_for_work(self, timeout: float) -> None:
-        """Block until new work may be ready or `timeout` seconds pass.
+    #: whether `wait_for_work` can hear of new work (else it returns at once and callers poll)
+    hears_work: bool = False
 
-        A store that can hear of new work (PostgreSQL's LISTEN) returns as soon as a job is
-        submitted, appended, retried or goes back to the queue, anywhere; it may also return
-        early for no reason. The default returns at once: callers poll.
+    def wait_for_work(self, timeout: float, also: int | None = None) -> None:
+        """Block until new work may be ready, `timeout` seconds pass, or the file descriptor
+        `also` (a worker's signal pipe) becomes readable.
+
+        A store that hears of new work (PostgreSQL's LISTEN, inotify on a SQLite file) returns
+        as soon as a job is submitted, appended, retried or goes back to the queue, anywhere;
+        it may also return early for no reason, so callers check (`next_due`) before leasing.
+        The first call may only start listening and return at once. The default returns at
+        once: callers poll.
         """
         return None
 

@@ -47,6 +47,16 @@ def _reason(e: BaseException, secret: str | None) -> str:
     return text.replace(secret, MASK) if secret else text
 
 
+def _sleep(timeout: float, also: int | None) -> None:
+    """Sleep `timeout` seconds, or less if `also` becomes readable."""
+    if also is None:
+        time.sleep(timeout)
+    else:
+        poller = select.poll()
+        poller.register(also, select.POLLIN)
+        poller.poll(max(0, round(timeout * 1000)))
+
+
 class Connector:
     """Opens connections to one database, and runs transactions on one that it keeps."""
 
@@ -135,8 +145,9 @@ class Connector:
         return lost or e.sqlstate is None or e.sqlstate.startswith(_RETRY_STATES)
 
     # -- LISTEN -----------------------------------------------------------------------------
-    def wait(self, timeout: float) -> None:
-        """Block until a notification on CHANNEL arrives or `timeout` seconds pass.
+    def wait(self, timeout: float, also: int | None = None) -> None:
+        """Block until a notification on CHANNEL arrives, `timeout` seconds pass or the file
+        descriptor `also` becomes readable.
 
         The first call (and the first after a lost connection) only starts listening and
         returns at once: work may have come before. While the server cannot be reached it
@@ -148,12 +159,14 @@ class Connector:
                 try:
                     self._listener = self._listen()
                 except psycopg.OperationalError:
-                    time.sleep(timeout)
+                    _sleep(timeout, also)
                 return
             try:
-                socket = select.poll()
-                socket.register(conn.fileno(), select.POLLIN)
-                if socket.poll(max(0, round(timeout * 1000))):
+                poller = select.poll()
+                poller.register(conn.fileno(), select.POLLIN)
+                if also is not None:
+                    poller.register(also, select.POLLIN)
+                if any(fd == conn.fileno() for fd, _ in poller.poll(max(0, round(timeout * 1000)))):
                     self._drain(conn)
             except (OSError, psycopg.OperationalError):
                 conn.close()  # the next call listens again

@@ -413,11 +413,13 @@ class PostgresStore(Store):
 
         return self._tx(forget)
 
-    def wait_for_work(self, timeout: float) -> None:
+    hears_work = True
+
+    def wait_for_work(self, timeout: float, also: int | None = None) -> None:
         """Block until a submit, append, retry or a job going back to the queue is announced
         (anywhere), or `timeout` seconds pass. The first call only starts listening and
         returns at once, as it does after the listening connection was lost."""
-        self._db.wait(timeout)
+        self._db.wait(timeout, also)
 
     # -- the user's side --------------------------------------------------------------------
     def _all(self, sql: str, args: Sequence[Any] | dict[str, Any] = ()) -> list[tuple[Any, ...]]:

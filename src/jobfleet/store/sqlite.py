@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import select
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from jobfleet.errors import NotFound, StoreError
 from jobfleet.spec.model import JobSpec
@@ -37,6 +38,7 @@ from jobfleet.store.base import (
     Store,
     WorkerInfo,
 )
+from jobfleet.store.watch import FileWatch, watch_file
 
 _REF = re.compile(r"[0-9a-z]+\Z")
 _Q = sqlfiles.queries("sqlite")
@@ -77,6 +79,7 @@ class SQLiteStore(Store):
         self._lock = threading.RLock()
         self._next_reap = 0.0
         self._workdirs: dict[str, str | None] = {}
+        self._watch: FileWatch | None | Literal[False] = None  # False: inotify is unavailable
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(
@@ -572,5 +575,26 @@ class SQLiteStore(Store):
             self._event(c, now, "cancel", run_id, job_key, cancelled=done, asked=asked)
         return done, asked
 
+    @property
+    def hears_work(self) -> bool:  # type: ignore[override]
+        return self._watch is not False
+
+    def wait_for_work(self, timeout: float, also: int | None = None) -> None:
+        """Wait for a write to the database file (inotify on its folder): every commit
+        anywhere, new work included. The first call only starts watching and returns."""
+        if self._watch is None:
+            self._watch = watch_file(self.path) or False
+            return
+        if self._watch is False:
+            return
+        poller = select.poll()
+        poller.register(self._watch.fileno(), select.POLLIN)
+        if also is not None:
+            poller.register(also, select.POLLIN)
+        if poller.poll(max(0, round(timeout * 1000))):
+            self._watch.clear()
+
     def close(self) -> None:
+        if self._watch:
+            self._watch.close()
         self._db.close()

@@ -26,6 +26,8 @@ log = logging.getLogger("jobfleet.worker")
 #: the fastest and slowest the loop polls an empty queue, seconds
 _MIN_IDLE_POLL = 0.01
 _MAX_IDLE_POLL = 0.5
+#: ... when the store wakes the worker as work comes (it polls to reap expired leases)
+_MAX_IDLE_POLL_HEARING = 2.0
 #: variables every attempt gets, describing itself
 _JOB_VARIABLES = frozenset({"JOBFLEET_JOB_ID", "JOBFLEET_RUN_ID", "JOBFLEET_ATTEMPT"})
 #: bytes read from a job's output pipe at a time
@@ -90,6 +92,7 @@ class _Timers:
 
     born: float
     beat_every: float
+    max_idle_poll: float = _MAX_IDLE_POLL
     next_lease: float = 0.0
     idle_poll: float = _MIN_IDLE_POLL
     idle_since: float = 0.0
@@ -102,7 +105,7 @@ class _Timers:
 
     def leased(self, now: float, got: int) -> None:
         """Poll again at once after a lease that found work; back off while there is none."""
-        self.idle_poll = _MIN_IDLE_POLL if got else min(_MAX_IDLE_POLL, self.idle_poll * 2)
+        self.idle_poll = _MIN_IDLE_POLL if got else min(self.max_idle_poll, self.idle_poll * 2)
         self.next_lease = now if got else now + self.idle_poll
 
 
@@ -183,7 +186,9 @@ class Worker:
         return self.stats
 
     def _loop(self) -> None:
-        o, t = self.opts, _Timers(time.monotonic(), max(0.05, self.opts.lease_seconds / 3))
+        hears = self.store.hears_work
+        o, t = self.opts, _Timers(time.monotonic(), max(0.05, self.opts.lease_seconds / 3),
+                                  _MAX_IDLE_POLL_HEARING if hears else _MAX_IDLE_POLL)
         poller = self._poller
         poller.register(self._wake_r, select.POLLIN)
         drain_recorded = False
@@ -212,7 +217,11 @@ class Worker:
                     log.info("worker %s idle for %gs, exiting", self.id, o.idle_exit)
                     return
                 t.idle_since = now  # a retry is on its way: waiting for it is not idleness
-            ended = self._wait(poller, self._next_wake(t))
+            if hears and not (self.running or self._ready or self._unreported or self.draining):
+                self._wait_for_work(t)
+                ended = []
+            else:
+                ended = self._wait(poller, self._next_wake(t))
             if ended:
                 self._note(ended)
                 self._start_ready()
@@ -248,6 +257,16 @@ class Worker:
             if r.log.due_at is not None:
                 wake.append(r.log.due_at)
         return min(wake)
+
+    def _wait_for_work(self, t: _Timers) -> None:
+        """Idle: sleep until the store hears of new work, a signal comes or a timer is due."""
+        until = self._next_wake(t)
+        self.store.wait_for_work(max(0.0, until - time.monotonic()), also=self._wake_r)
+        now = time.monotonic()
+        if now < t.next_lease:  # woken early: by work for us, or by some other write?
+            due = self.store.next_due(self.total, self.opts.run_id)
+            if due is not None and due <= time.time():
+                t.next_lease, t.idle_poll = now, _MIN_IDLE_POLL
 
     def _wait(self, poller: select.poll, until: float) -> list[Outcome]:
         """Sleep until `until`, a job ends or a signal comes; copy output to logs meanwhile.
