@@ -157,3 +157,7 @@ def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
         w.writerow(header)
         w.writerows(rows)
     return path
+
+
+# moto's S3 emulator, for every test module that asks for `s3` (imported last: s3.py is plain)
+from s3 import moto_endpoint, s3  # noqa: E402,F401

@@ -211,3 +211,45 @@ def test_local_workers_exit_when_idle(jf: Jobfleet) -> None:
             return all(w.state == "stopped" for w in db.workers())
         wait_for(stopped, 20, what="the run's worker to exit when idle")
     assert Path(jf.blobs / "workers" / f"{out['run']}.log").exists()
+
+
+def test_executor_on_postgresql_and_s3_keeps_the_password_off_command_lines(
+        jf: Jobfleet, s3: Any) -> None:
+    """The same map on the fleet backends: PostgreSQL (the test server, a fresh database) and
+    S3 (moto's emulator, as no real S3 runs here). The worker the executor starts gets the
+    store's URL, password and all, through its environment: `ps` never shows it."""
+    from pg import fresh_database, require_server
+
+    with fresh_database(require_server()) as url:
+        secret = "pw-" + url.rsplit("_", 1)[-1]
+        # trust auth: the password is not needed, only carried; this script gets it as the
+        # user's own would, not on its command line
+        jf.env["TEST_STORE"] = url.replace("postgres@", f"postgres:{secret}@", 1)
+        out = script(jf, """
+            def command_lines():
+                found = []
+                for entry in os.listdir("/proc"):
+                    try:
+                        with open(f"/proc/{entry}/cmdline", "rb") as f:
+                            found.append(f.read().replace(bytes(1), b" ").decode())
+                    except (OSError, UnicodeDecodeError):
+                        pass
+                return found
+
+            def square(x):
+                return x * x
+
+            if __name__ == "__main__":
+                store = os.environ["TEST_STORE"]
+                with jobfleet.Executor(workers=2, store=store, blobs=sys.argv[1]) as ex:
+                    values = list(ex.map(square, range(300)))
+                    big = ex.submit(square, 10**200000).result()  # over the inline limit: S3
+                    seen = command_lines()
+                print(json.dumps({"values": values, "big": big == 10**400000, "seen": seen,
+                                  "run": ex.run_id}))
+        """, s3.url)
+    assert out["values"] == [x * x for x in range(300)] and out["big"]
+    assert any("jobfleet worker" in line for line in out["seen"]), out["seen"]
+    assert not [line for line in out["seen"] if secret in line]
+    assert any(key.startswith("prefix/payloads/") or key.startswith("prefix/results/")
+               for key in s3.objects()), s3.objects()

@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -29,20 +24,9 @@ from jobfleet.blobs import remote as remote_blobs
 from jobfleet.blobs.remote import ChunkedLogWriter, FsspecBlobs, s3_options
 from jobfleet.errors import ConfigError
 from jobfleet.worker.outputs import output_files, upload_outputs
+from s3 import S3
 
-# --- the S3 emulator ---------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _accepts(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+# --- the S3 emulator (tests/s3.py); nothing else of AWS is reachable -------------------------
 
 
 @pytest.fixture(autouse=True)
@@ -53,79 +37,6 @@ def _nowhere_but_loopback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-
-
-@pytest.fixture(scope="session")
-def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """moto's S3 server on a free loopback port, for the whole session."""
-    try:
-        import moto.server  # noqa: F401
-    except ImportError:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip("moto[server] is not installed (pip install -e '.[dev]')")
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("moto") / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                                 "-p", str(port)], stdout=log, stderr=log,
-                                stdin=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: proc.poll() is not None or _accepts(port), 30,
-                 what="moto's server to listen")
-        assert proc.poll() is None, f"moto's server exited:\n{log_path.read_text()}"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-@dataclass
-class S3:
-    """A fresh bucket in the emulator, and the environment that reaches it."""
-
-    env: dict[str, str]
-    bucket: str
-
-    @property
-    def url(self) -> str:
-        return f"s3://{self.bucket}/prefix"
-
-    def client(self) -> Any:
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"],
-                            region_name="us-east-1")
-
-    def objects(self) -> list[str]:
-        found = self.client().list_objects_v2(Bucket=self.bucket).get("Contents", [])
-        return sorted(o["Key"] for o in found)
-
-
-@pytest.fixture
-def s3(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-       request: pytest.FixtureRequest) -> S3:
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto_endpoint,
-        # nothing of this machine's own AWS set-up, and no instance-metadata look-ups
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
-    }
-    for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    if "jf" in request.fixturenames:  # the commands a test runs reach the emulator too
-        request.getfixturevalue("jf").env.update(env)
-    bucket = S3(env, f"jf-{secrets.token_hex(4)}")
-    bucket.client().create_bucket(Bucket=bucket.bucket)
-    return bucket
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -54,11 +55,13 @@ def start_worker(store: Store, blobs: Blobs, run_id: str, slots: int) -> subproc
     base = blobs.root if isinstance(blobs, LocalBlobs) else Path(".jobfleet").absolute()
     log_dir = base / "workers"
     log_dir.mkdir(parents=True, exist_ok=True)
+    # the store's location may hold a password: the environment carries it, not argv (`ps`)
+    env = {**os.environ, "JOBFLEET_STORE": store.location, "JOBFLEET_BLOBS": blobs.location}
     with open(log_dir / f"{run_id}.log", "ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "jobfleet", "worker", "--run", run_id, "--slots", str(slots),
-             "--idle-exit", str(IDLE_EXIT), "--store", store.url, "--blobs", blobs.location],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+             "--idle-exit", str(IDLE_EXIT)],
+            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
 
 
 def value_of(blobs: Blobs, job: str, e: Ended) -> tuple[bool, Any]:

@@ -194,7 +194,11 @@ class NewRun:
 class Store(abc.ABC):
     """Durable queue semantics: lease with token and expiry, heartbeat, fenced finish, retry."""
 
+    #: where the store is, fit to print (no password)
     url: str
+    #: what another process needs to open the same store; it may hold a password, so it goes
+    #: to other processes through the environment (JOBFLEET_STORE), never a command line
+    location: str
 
     # -- submission -------------------------------------------------------------------------
     @abc.abstractmethod

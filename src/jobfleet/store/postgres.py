@@ -57,6 +57,7 @@ class PostgresStore(Store):
     def __init__(self, url: str, *, clock: Clock = time.time, retry_for: float = 30.0) -> None:
         self._db = Connector(url, retry_for=retry_for)
         self.url = self._db.url  # the password masked: this is printed
+        self.location = url
         self.clock = clock
         self._next_reap = 0.0
         self._workdirs: dict[str, str | None] = {}

@@ -75,6 +75,7 @@ class SQLiteStore(Store):
     def __init__(self, path: str | Path, *, clock: Clock = time.time) -> None:
         self.path = Path(path)
         self.url = f"sqlite://{self.path}"
+        self.location = str(self.path.absolute())
         self.clock = clock
         self._lock = threading.RLock()
         self._next_reap = 0.0
