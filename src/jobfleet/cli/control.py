@@ -8,6 +8,15 @@ from typing import Annotated
 import typer
 
 from jobfleet.cli.app import BlobsOpt, StoreOpt, app, connect, connect_store, out, settings, worker_options
+from jobfleet.cli.sandboxing import (
+    AllowSandboxOpt,
+    GpusOpt,
+    InheritEnvOpt,
+    KeepWorkspacesOpt,
+    NetworkOpt,
+    SandboxOpt,
+    sandbox_options,
+)
 from jobfleet.spec import parse_size
 
 RefArg = Annotated[str, typer.Argument(metavar="RUN|JOB", help="A run id, or a job id RUN-N.")]
@@ -48,7 +57,7 @@ def worker(
         "--cpus", help="CPUs to offer jobs (max(slots, CPU count)).")] = None,
     memory: Annotated[str | None, typer.Option(
         "--memory", help="Memory to offer jobs, e.g. 8GiB (this machine's).")] = None,
-    gpus: Annotated[int, typer.Option("--gpus", help="GPUs to offer jobs.")] = 0,
+    gpus: GpusOpt = None,
     run: Annotated[str | None, typer.Option("--run", help="Serve only this run.")] = None,
     idle_exit: Annotated[float | None, typer.Option(
         "--idle-exit", metavar="SECONDS", help="Exit after this long without work.")] = None,
@@ -56,6 +65,11 @@ def worker(
         "--max-jobs", help="Exit after taking this many jobs.")] = None,
     lease_seconds: Annotated[float | None, typer.Option(
         "--lease-seconds", help="Lease length; heartbeats renew it every third of it.")] = None,
+    sandbox: SandboxOpt = "process",
+    allow_sandbox: AllowSandboxOpt = None,
+    inherit_env: InheritEnvOpt = False,
+    keep_workspaces: KeepWorkspacesOpt = False,
+    allow_network: NetworkOpt = True,
     store: StoreOpt = None,
     blobs: BlobsOpt = None,
 ) -> None:
@@ -64,13 +78,15 @@ def worker(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker: %(message)s")
     s = settings(store, blobs, slots=slots, lease_seconds=lease_seconds)
+    sandboxing = sandbox_options(sandbox, inherit_env, keep_workspaces, allow_sandbox,
+                                 allow_network, gpus)
     db, blob_store = connect(s)
     run_id = db.run(run).id if run else None
     opts = worker_options(
-        s, cpus=cpus, memory=parse_size(memory) if memory else None, gpus=gpus,
-        idle_exit=idle_exit, max_jobs=max_jobs, run_id=run_id)
+        s, cpus=cpus, memory=parse_size(memory) if memory else None,
+        idle_exit=idle_exit, max_jobs=max_jobs, run_id=run_id, **sandboxing)
     w = Worker(db, blob_store, opts)
-    out.print(f"worker {w.id}: {opts.slots} slots, store {db.url}"
+    out.print(f"worker {w.id}: {opts.slots} slots, sandbox {opts.sandbox}, store {db.url}"
               + (f", run {run_id}" if run_id else ""))
     stats = w.run()
     done = ", ".join(f"{n} {k}" for k, n in sorted(stats.by_status.items())) or "no jobs"

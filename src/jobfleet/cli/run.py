@@ -24,6 +24,15 @@ from jobfleet.cli.app import (
     worker_options,
 )
 from jobfleet.cli.fmt import dumps, size
+from jobfleet.cli.sandboxing import (
+    AllowSandboxOpt,
+    GpusOpt,
+    InheritEnvOpt,
+    KeepWorkspacesOpt,
+    NetworkOpt,
+    SandboxOpt,
+    sandbox_options,
+)
 from jobfleet.errors import SpecError
 from jobfleet.spec import JobSpec
 from jobfleet.store import Capacity, NewRun
@@ -103,6 +112,12 @@ def run(
         "--slots", help="Jobs at once (default: CPU count).")] = None,
     lease_seconds: Annotated[float | None, typer.Option(
         "--lease-seconds", help="How long a lease lasts without a heartbeat.")] = None,
+    sandbox: SandboxOpt = "process",
+    allow_sandbox: AllowSandboxOpt = None,
+    inherit_env: InheritEnvOpt = False,
+    keep_workspaces: KeepWorkspacesOpt = False,
+    allow_network: NetworkOpt = True,
+    gpus: GpusOpt = None,
     store: StoreOpt = None,
     blobs: BlobsOpt = None,
 ) -> None:
@@ -113,7 +128,9 @@ def run(
     jobs, source = load_jobs(args, each)
     s = settings(store, blobs, slots=slots, lease_seconds=lease_seconds)
     run_id = secrets.token_hex(4)
-    options = worker_options(s, run_id=run_id, until_done=True, worker_id=f"w{run_id[:4]}-1")
+    options = worker_options(s, run_id=run_id, until_done=True, worker_id=f"w{run_id[:4]}-1",
+                             **sandbox_options(sandbox, inherit_env, keep_workspaces,
+                                               allow_sandbox, allow_network, gpus))
     check_fits(jobs, capacity(options), source)
     db, blob_store = connect(s)
     db.submit(NewRun(name=name, source=source, workdir=os.getcwd(), id=run_id), jobs)

@@ -1,5 +1,16 @@
-"""Sandboxes: how one attempt of a job is started, watched and stopped."""
+"""Sandboxes: how one attempt of a job is started, watched, limited and stopped."""
 
-from jobfleet.sandbox.process import Child, ProcessSandbox
+from jobfleet.sandbox.base import (
+    SANDBOXES,
+    Attempt,
+    Child,
+    Sandbox,
+    SandboxError,
+    Verdict,
+    Workspaces,
+    sandbox_named,
+)
+from jobfleet.sandbox.process import ProcessSandbox
 
-__all__ = ["Child", "ProcessSandbox"]
+__all__ = ["SANDBOXES", "Attempt", "Child", "ProcessSandbox", "Sandbox", "SandboxError",
+           "Verdict", "Workspaces", "sandbox_named"]

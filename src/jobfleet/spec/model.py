@@ -16,9 +16,12 @@ RESERVED = frozenset(
     {
         "command", "name", "cpus", "memory", "gpus", "timeout", "max_attempts", "workdir",
         "outputs", "skip_if_done", "min_size", "instance_type", "retry_on", "retry_delay",
+        "network", "image", "sandbox", "secret_env",
     }
 )
 ENV_PREFIX = "env."
+#: an `env.NAME` value starting so is read on the submitting side, and kept secret
+SECRET_PREFIX = "secret:"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
@@ -42,6 +45,15 @@ class JobSpec:
     retry_delay: float = 1.0  # first backoff, seconds; doubles per attempt
     env: Mapping[str, str] = field(default_factory=dict)
     params: Mapping[str, str] = field(default_factory=dict)
+    network: bool = False  # asks for network access (sandboxes that cut it off)
+    image: str | None = None  # container image, for the container sandbox
+    sandbox: str | None = None  # run in this sandbox, where the worker allows it
+    secret_env: tuple[str, ...] = ()  # names in `env` whose values are redacted everywhere
+
+    def secret_values(self) -> list[str]:
+        """The values of the secret variables, longest first (to redact them)."""
+        values = {self.env[n] for n in self.secret_env if self.env.get(n)}
+        return sorted(values, key=len, reverse=True)
 
     def to_json(self) -> str:
         """Compact JSON of the fields that differ from their defaults."""
@@ -55,7 +67,7 @@ class JobSpec:
     @classmethod
     def from_json(cls, text: str) -> JobSpec:
         d = json.loads(text)
-        for k in ("outputs", "retry_on"):
+        for k in ("outputs", "retry_on", "secret_env"):
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
@@ -162,6 +174,10 @@ _FIELD_PARSERS: dict[str, Any] = {
     "instance_type": _optional_text,
     "retry_on": lambda v: tuple(_number(x, int, 0) for x in _list(v, sep=",")),
     "retry_delay": parse_duration,
+    "network": parse_bool,
+    "image": _optional_text,
+    "sandbox": _optional_text,
+    "secret_env": lambda v: tuple(_list(v)),
 }
 
 #: (field, raw text) -> parsed value; values are immutable, so sharing them is safe
@@ -207,14 +223,55 @@ def make_job(
                 _PARSED.clear()
             _PARSED[key, raw] = value
     clean_env: dict[str, str] = {}
+    secret = list(kwargs.get("secret_env", ()))
     for k, v in env.items():
         if not _ENV_NAME.match(k):
             raise SpecError(f"'{k}' is not a valid environment variable name", source=source,
                             line=line, column=ENV_PREFIX + k,
                             hint="use letters, digits and _, not starting with a digit")
-        clean_env[k] = "" if v is None else str(v)
+        text = "" if v is None else str(v)
+        if text.startswith(SECRET_PREFIX):
+            text = read_secret(text, source=source, line=line, column=ENV_PREFIX + k)
+            if k not in secret:
+                secret.append(k)
+        clean_env[k] = text
+    for k in secret:
+        if k not in clean_env:
+            raise SpecError(f"secret_env names {k}, which is not in the job's env",
+                            source=source, line=line, column="secret_env",
+                            hint=f"give its value in an env.{k} column/key")
+    if secret:
+        kwargs["secret_env"] = tuple(secret)
     if kwargs.get("min_size") and not kwargs.get("outputs"):
         raise SpecError("min_size needs outputs to check", source=source, line=line,
                         column="min_size",
                         hint="declare the files in 'outputs' (globs, ;-separated)")
     return JobSpec(command=command, env=clean_env, params=dict(params), **kwargs)
+
+
+def read_secret(text: str, *, source: str | None = None, line: int | None = None,
+                column: str | None = None) -> str:
+    """The value a `secret:` source names, read here, on the submitting side.
+
+    `secret:NAME` and `secret:env:NAME` read this process's environment variable NAME;
+    `secret:file:PATH` reads a file (one trailing newline dropped).
+    """
+    import os
+
+    ref = text[len(SECRET_PREFIX):]
+    if ref.startswith("file:"):
+        path = os.path.expanduser(ref[len("file:"):])
+        try:
+            with open(path) as f:
+                value = f.read()
+        except OSError as e:
+            raise SpecError(f"could not read the secret file {path}: {e.strerror}",
+                            source=source, line=line, column=column,
+                            hint="secret:file:PATH reads PATH where you submit") from None
+        return value[:-1] if value.endswith("\n") else value
+    name = ref[len("env:"):] if ref.startswith("env:") else ref
+    if name not in os.environ:
+        raise SpecError(f"the secret's variable {name} is not set in this environment",
+                        source=source, line=line, column=column,
+                        hint=f"export {name}=... before submitting, or use secret:file:PATH")
+    return os.environ[name]

@@ -9,6 +9,7 @@ import secrets
 import select
 import signal
 import socket
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -16,9 +17,20 @@ from typing import Any
 
 from jobfleet.api import wire
 from jobfleet.blobs import Blobs, LogWriter, log_key
-from jobfleet.sandbox import Child, ProcessSandbox
+from jobfleet.sandbox import (
+    Attempt,
+    Child,
+    ProcessSandbox,
+    Sandbox,
+    SandboxError,
+    Workspaces,
+    sandbox_named,
+)
+from jobfleet.sandbox.cgroup import Cgroups
+from jobfleet.sandbox.env import ALLOWED_PYTHON, base_env, entries
 from jobfleet.store import UNSTARTED, Capacity, Lease, Outcome, Store, WorkerInfo
 from jobfleet.worker.calls import RECYCLE_AFTER, Runner
+from jobfleet.worker.limits import Redactor, failure_reason
 from jobfleet.worker.outputs import missing_outputs, outputs_done, upload_outputs
 
 log = logging.getLogger("jobfleet.worker")
@@ -28,8 +40,6 @@ _MIN_IDLE_POLL = 0.01
 _MAX_IDLE_POLL = 0.5
 #: ... when the store wakes the worker as work comes (it polls to reap expired leases)
 _MAX_IDLE_POLL_HEARING = 2.0
-#: variables every attempt gets, describing itself
-_JOB_VARIABLES = frozenset({"JOBFLEET_JOB_ID", "JOBFLEET_RUN_ID", "JOBFLEET_ATTEMPT"})
 #: bytes read from a job's output pipe at a time
 _CHUNK = 65536
 #: how often a busy worker looks for cancel requests between heartbeats, seconds
@@ -62,6 +72,13 @@ class WorkerOptions:
     worker_id: str | None = None  # chosen at random when not given
     drain_seconds: float = 30.0  # after SIGTERM, how long running jobs may finish
     kill_grace: float = 5.0  # between TERM and KILL on timeout or cancel
+    sandbox: str = "process"  # how attempts run: process, bwrap or container
+    allow_sandboxes: tuple[str, ...] = ()  # others a job may ask for with its `sandbox`
+    inherit_env: bool = False  # jobs see the worker's environment (not only the allowlist)
+    keep_workspaces: bool = False  # leave each attempt's workspace behind, for debugging
+    workspaces: str | None = None  # the folder workspaces go in (a temporary one)
+    allow_network: bool = True  # may jobs that ask for `network` have it
+    gpu_ids: tuple[str, ...] = ()  # the GPUs' device ids; default 0..gpus-1
 
 
 def machine_memory() -> int:
@@ -84,6 +101,8 @@ class _Running:
     began: float  # wall-clock time it started
     stopping: str | None = None  # why we are killing it: timeout, cancelled, lost, drain
     kill_at: float | None = None
+    attempt: Attempt | None = None  # a command's: its sandbox, workspace and limits
+    gpus: tuple[str, ...] = ()  # the GPU devices it holds
 
 
 @dataclass(slots=True)
@@ -124,7 +143,14 @@ class Worker:
         self.opts = o = options or WorkerOptions()
         self.id = o.worker_id or "w" + secrets.token_hex(3)
         self.total = capacity(o)
-        self.sandbox = ProcessSandbox()
+        self.sandbox = sandbox_named(o.sandbox)
+        self.sandbox.check()  # a sandbox that cannot work here says so now, not at a job
+        self._sandboxes = {o.sandbox: self.sandbox}
+        self._cgroups: Cgroups | None = None
+        self._spaces = Workspaces(o.workspaces or os.path.join(
+            tempfile.gettempdir(), f"jobfleet-{self.id}"), keep=o.keep_workspaces)
+        self._attempts = 0
+        self._gpus_free = list(o.gpu_ids or (str(i) for i in range(o.gpus)))
         self.running: dict[int, _Running] = {}  # by pidfd
         self._pipes: dict[int, _Running] = {}  # by the read end of their output pipe
         self._poller = select.poll()
@@ -132,10 +158,12 @@ class Worker:
         self.draining = False
         self._drain_deadline = 0.0
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        # encoded once, not per job; the JOBFLEET_* job variables are added per attempt
-        self._base_env = {os.fsencode(k): os.fsencode(v) for k, v in os.environ.items()
-                          if k not in _JOB_VARIABLES}
-        self._base_env_list = [k + b"=" + v for k, v in self._base_env.items()]
+        # encoded once, not per job; the workspace and JOBFLEET_* variables are added per
+        # attempt (see sandbox.env)
+        self._base_env = base_env(os.environ, inherit=o.inherit_env)
+        self._base_env_list = entries(self._base_env)
+        self._call_env = {os.fsdecode(k): os.fsdecode(v) for k, v in base_env(
+            os.environ, inherit=o.inherit_env, allowed=ALLOWED_PYTHON).items()}
         self._cwd = os.getcwd()
         # warm interpreters for Python calls: idle ones by folder, busy ones by pid
         self._idle: dict[str, list[Runner]] = {}
@@ -175,11 +203,19 @@ class Worker:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
+        self._cgroups = Cgroups.open(self.id)
+        for sandbox in self._sandboxes.values():
+            if isinstance(sandbox, ProcessSandbox):
+                sandbox.cgroups = self._cgroups
+        self._spaces.open()
         try:
             self._loop()
         finally:
             self._release_all()
             self._stop_runners()
+            if self._cgroups is not None:
+                self._cgroups.close()
+            self._spaces.close()
             self.store.set_worker_state(self.id, "stopped", self.stats.done)
             os.close(self._wake_r)
             os.close(self._wake_w)
@@ -405,40 +441,106 @@ class Worker:
             self.stats.leased -= len(back)
             self._ready = deque(x for x in self._ready if keys is not None and x.key not in keys)
 
-    def _workdir(self, lease: Lease) -> str:
-        base = lease.run_workdir or self._cwd
+    def _workdir(self, lease: Lease) -> str | None:
+        """The job's working directory when it has one (its own, or its run's)."""
+        base = lease.run_workdir
         wd = lease.spec.workdir
-        return base if not wd else os.path.join(base, os.path.expanduser(wd))
+        if not wd:
+            return base
+        return os.path.join(base or self._cwd, os.path.expanduser(wd))
 
     def _start(self, lease: Lease) -> _Running | Outcome:
         spec = lease.spec
         key = log_key(lease.run_id, lease.seq, lease.attempt)
-        cwd = self._workdir(lease)
+        workdir = self._workdir(lease)
         if lease.payload is not None:
-            return self._start_call(lease, key, cwd)
-        if spec.skip_if_done and spec.outputs and outputs_done(spec.outputs, cwd, spec.min_size):
+            return self._start_call(lease, key, workdir or self._cwd)
+        if (spec.skip_if_done and spec.outputs and workdir is not None
+                and outputs_done(spec.outputs, workdir, spec.min_size)):
             return Outcome(lease.key, lease.token, "skipped", reason="outputs already exist")
-        env = self._base_env_list
-        if spec.env:
-            merged = self._base_env | {os.fsencode(k): os.fsencode(v) for k, v in spec.env.items()}
-            env = [k + b"=" + v for k, v in merged.items()]
-        env = [*env, b"JOBFLEET_JOB_ID=" + lease.id.encode(),
-               b"JOBFLEET_RUN_ID=" + lease.run_id.encode(),
-               b"JOBFLEET_ATTEMPT=%d" % lease.attempt]
+        self._attempts += 1
+        name = f"a{self._attempts}"
         try:
-            child = self.sandbox.start(spec.command, cwd=cwd, env=env,
-                                       own_path="PATH" not in spec.env)
-        except FileNotFoundError:
-            return Outcome(lease.key, lease.token, "failed",
-                           reason=f"workdir {cwd} does not exist on {socket.gethostname()}")
-        except OSError as e:
-            return Outcome(lease.key, lease.token, "failed", reason=f"could not start the job: {e}")
+            sandbox = self._sandbox_for(spec.sandbox)
+            space = self._spaces.make(name)
+        except (SandboxError, OSError) as e:
+            return Outcome(lease.key, lease.token, "failed", reason=f"sandbox error: {e}")
+        gpus = self._take_gpus(spec.gpus)
+        env = self._attempt_env(lease, space, gpus)
+        cwd = workdir or space
+        attempt = Attempt(
+            spec.command, cwd, env, space, own_path="PATH" not in spec.env,
+            memory=spec.memory, cpus=spec.cpus if spec.memory or spec.cpus != 1 else None,
+            network=spec.network and self.opts.allow_network, image=spec.image,
+            writable=(workdir,) if workdir else (), name=name)
+        try:
+            sandbox.prepare(attempt)
+            child = sandbox.run(attempt)
+        except (SandboxError, OSError) as e:
+            self._gpus_free += gpus
+            with contextlib.suppress(SandboxError, OSError):
+                sandbox.teardown(attempt)
+            self._spaces.remove(space)
+            if isinstance(e, SandboxError):
+                reason = f"sandbox error: {e.message}"
+            elif isinstance(e, FileNotFoundError) and not os.path.isdir(cwd):
+                reason = f"workdir {cwd} does not exist on {socket.gethostname()}"
+            else:
+                reason = f"could not start the job: {e}"
+            return Outcome(lease.key, lease.token, "failed", reason=reason)
         deadline = time.monotonic() + spec.timeout if spec.timeout else None
-        r = _Running(lease, self.blobs.log_writer(key), child, deadline, time.time())
+        writer = self.blobs.log_writer(key)
+        if spec.secret_env:
+            writer = Redactor(writer, spec.secret_values())
+        r = _Running(lease, writer, child, deadline, time.time(), attempt=attempt, gpus=gpus)
         self._pipes[child.out] = r
         self._poller.register(child.pidfd, select.POLLIN)
         self._poller.register(child.out, select.POLLIN)
         return r
+
+    def _attempt_env(self, lease: Lease, space: str, gpus: tuple[str, ...]) -> list[bytes]:
+        """The attempt's environment: the worker's clean base, the workspace, the job's own
+        variables, and the JOBFLEET_* ones (see sandbox.env)."""
+        spec = lease.spec
+        own = [b"HOME=" + space.encode(), b"TMPDIR=" + space.encode()]
+        if spec.env:
+            merged = self._base_env | dict(x.split(b"=", 1) for x in own) | {
+                os.fsencode(k): os.fsencode(v) for k, v in spec.env.items()}
+            env = entries(merged)
+        else:
+            env = [*self._base_env_list, *own]
+        env += [b"JOBFLEET_JOB_ID=" + lease.id.encode(),
+                b"JOBFLEET_RUN_ID=" + lease.run_id.encode(),
+                b"JOBFLEET_ATTEMPT=%d" % lease.attempt]
+        if gpus:
+            env.append(b"CUDA_VISIBLE_DEVICES=" + ",".join(gpus).encode())
+        return env
+
+    def _sandbox_for(self, name: str | None) -> Sandbox:
+        """The sandbox a job asks for, if this worker allows it (else its own)."""
+        if name is None or name == self.opts.sandbox:
+            return self.sandbox
+        found = self._sandboxes.get(name)
+        if found is None:
+            if name not in self.opts.allow_sandboxes:
+                raise SandboxError(
+                    f"the job asks for the {name} sandbox; worker {self.id} runs jobs in "
+                    f"{self.opts.sandbox}" + (f" and allows {', '.join(self.opts.allow_sandboxes)}"
+                                               if self.opts.allow_sandboxes else ""),
+                    hint=f"start a worker with --sandbox {name} or --allow-sandbox {name}")
+            found = sandbox_named(name)
+            found.check()
+            if isinstance(found, ProcessSandbox):
+                found.cgroups = self._cgroups
+            self._sandboxes[name] = found
+        return found
+
+    def _take_gpus(self, n: int) -> tuple[str, ...]:
+        """`n` GPU devices no running job holds (the lease made sure there are enough)."""
+        if not n:
+            return ()
+        taken, self._gpus_free = self._gpus_free[:n], self._gpus_free[n:]
+        return tuple(taken)
 
     # -- Python calls -----------------------------------------------------------------------
     def _start_call(self, lease: Lease, key: str, cwd: str) -> _Running | Outcome:
@@ -446,7 +548,8 @@ class Worker:
         runner = idle.pop() if idle else None
         try:
             if runner is None:
-                runner = Runner.start(dict(os.environ), cwd)
+                runner = Runner.start(
+                    {**self._call_env, "HOME": self._spaces.root, "TMPDIR": self._spaces.root}, cwd)
                 for fd in (runner.pidfd, runner.from_runner, runner.out):
                     self._runner_fds[fd] = runner
                     self._poller.register(fd, select.POLLIN)
@@ -481,7 +584,7 @@ class Worker:
         if runner.calls >= RECYCLE_AFTER or self.draining:
             self._retire(runner)
         else:
-            self._idle.setdefault(self._workdir(r.lease), []).append(runner)
+            self._idle.setdefault(self._workdir(r.lease) or self._cwd, []).append(runner)
         return [self._call_outcome(r, data)]
 
     def _call_outcome(self, r: _Running, data: bytes) -> Outcome:
@@ -559,6 +662,15 @@ class Worker:
             return self._call_died(r)
         code, sig, peak = r.child.reap()
         self._copy_output(r, final=True)
+        attempt = r.attempt
+        assert attempt is not None
+        sandbox = self._sandbox_for(r.lease.spec.sandbox)
+        try:
+            verdict = sandbox.teardown(attempt)
+        except (SandboxError, OSError) as e:
+            log.warning("job %s: sandbox teardown failed: %s", r.lease.id, e,
+                        extra={"action": "teardown_failed"})
+            verdict = None
         spec = r.lease.spec
         reason = None
         stopped = self._stopped(r)
@@ -567,15 +679,20 @@ class Worker:
         elif code == 0:
             status = "succeeded"
             if spec.outputs:
-                status, reason = self._collect_outputs(r.lease)
+                status, reason = self._collect_outputs(r.lease, attempt.cwd)
         else:
             status = "failed"
-            reason = f"exit code {code}" if sig is None else f"killed by signal {sig}"
+            oom = verdict is not None and verdict.out_of_memory
+            reason = failure_reason(code, sig, spec.memory, oom=oom,
+                                    address_space=attempt.prepared is None)
+        if verdict is not None and verdict.peak_memory:
+            peak = verdict.peak_memory
+        self._spaces.remove(attempt.workspace)
         return self._ended(r, status, exit_code=code, signal=sig, reason=reason, peak_rss=peak)
 
-    def _collect_outputs(self, lease: Lease) -> tuple[str, str | None]:
+    def _collect_outputs(self, lease: Lease, cwd: str) -> tuple[str, str | None]:
         """Store a successful job's declared outputs in the blob store; (status, reason)."""
-        cwd, patterns = self._workdir(lease), lease.spec.outputs
+        patterns = lease.spec.outputs
         missing = missing_outputs(patterns, cwd)
         if missing:
             return "failed", f"declared output missing: {', '.join(missing)}"
@@ -601,6 +718,10 @@ class Worker:
     def _ended(self, r: _Running, status: str, **recorded: Any) -> Outcome:
         """The outcome of attempt `r`, counted by status, with its log when it wrote one."""
         self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
+        if r.gpus:
+            self._gpus_free += r.gpus
+        if isinstance(r.log, Redactor) and recorded.get("reason"):
+            recorded["reason"] = r.log.redact_text(recorded["reason"])
         took = time.time() - r.began
         typical = self._typical
         self._typical = took if typical is None else typical + (took - typical) / 8
