@@ -140,3 +140,19 @@ def test_fleet_smoke_run_reports_throughput_and_latency_per_store(tmp_path: Path
     for goal in report["goals"]:
         assert goal["line"] in p.stdout
     assert ("skipping postgres" in p.stdout) if skipped else ("postgres-4" in p.stdout)
+
+
+SANDBOX = ROOT / "benchmarks" / "sandbox.py"
+
+
+def test_sandbox_smoke_run_times_process_against_bwrap(tmp_path: Path) -> None:
+    out = tmp_path / "sandbox.json"
+    p = subprocess.run([sys.executable, str(SANDBOX), "--jobs", "20", "--repeat", "1",
+                        "--json", str(out)], cwd=ROOT / "benchmarks", capture_output=True,
+                       text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, f"stdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+    report = json.loads(out.read_text())
+    assert {"process", "process+memory"} <= set(report["results"])
+    assert "bwrap" in report["results"] or "bwrap" in report["skipped"]
+    for entry in report["results"].values():
+        assert entry["jobs_per_second"] > 0 and entry["vs_process"] > 0

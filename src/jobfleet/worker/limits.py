@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 
 from jobfleet.blobs import LogWriter
@@ -42,13 +43,15 @@ class Redactor(LogWriter):
     (longest secret - 1) bytes of each write are held back until the next write or the close.
     """
 
-    __slots__ = ("_inner", "_secrets", "_held", "_keep")
+    __slots__ = ("_inner", "_pattern", "_held", "_keep")
 
     def __init__(self, inner: LogWriter, secrets: list[str]) -> None:
         self._inner = inner
-        self._secrets = [s.encode() for s in secrets if s]
-        self._keep = max((len(s) for s in self._secrets), default=1) - 1
-        self._held = b""
+        values = sorted({s.encode() for s in secrets if s}, key=len, reverse=True)
+        # longest first: where a secret holds another, the whole of it is replaced
+        self._pattern = re.compile(b"|".join(re.escape(v) for v in values) or b"(?!)")
+        self._keep = max((len(v) for v in values), default=1) - 1
+        self._held = b""  # raw output not stored yet: it may hold the start of a secret
         self.key = inner.key
         self.written = False
 
@@ -57,16 +60,18 @@ class Redactor(LogWriter):
         return self._inner.due_at
 
     def _clean(self, data: bytes) -> bytes:
-        for secret in self._secrets:  # longest first: a secret holding another goes whole
-            data = data.replace(secret, REDACTED)
-        return data
+        return self._pattern.sub(REDACTED, data)
 
     def write(self, data: bytes) -> None:
-        data = self._clean(self._held + data)
+        data = self._held + data
         cut = max(0, len(data) - self._keep)
-        data, self._held = data[:cut], data[cut:]
-        if data:
-            self._inner.write(data)
+        for m in self._pattern.finditer(data):  # never cut through a secret
+            if m.start() < cut < m.end():
+                cut = m.start()
+                break
+        out, self._held = data[:cut], data[cut:]
+        if out:
+            self._inner.write(self._clean(out))
             self.written = self._inner.written
 
     def tick(self, now: float) -> None:
