@@ -58,17 +58,19 @@ def test_inherit_env_passes_the_workers_environment(jf: Jobfleet) -> None:
     assert "FROM_SHELL=yes" in str(jobs["1"]["log"])
 
 
-def test_each_attempt_has_a_fresh_workspace_that_is_removed(jf: Jobfleet) -> None:
-    cmd = 'echo "$HOME $TMPDIR"; touch "$HOME/left-behind"'
-    jobs = run(jf, ["command"], [[cmd], [cmd]])
-    homes = [str(jobs[s]["log"]).split()[0] for s in ("1", "2")]
-    assert homes[0] != homes[1]
-    assert all(str(jobs[s]["log"]).split()[1] == h for s, h in zip(("1", "2"), homes, strict=True))
-    assert not any(Path(h).exists() for h in homes)
-    kept = run(jf, ["command"], [[cmd]], "--keep-workspaces")
-    home = Path(str(kept["1"]["log"]).split()[0])
-    assert (home / "left-behind").exists()
-    shutil.rmtree(home.parent)
+def test_each_attempt_has_an_empty_workspace_that_is_removed(jf: Jobfleet) -> None:
+    cmd = 'echo "$HOME $TMPDIR $(ls -A "$HOME" | wc -l)"; touch "$HOME/left-behind"'
+    tidy = 'echo "$HOME $TMPDIR $(ls -A "$HOME" | wc -l)"'
+    jobs = run(jf, ["command"], [[cmd], [cmd], [tidy], [tidy]], "--slots", "1")
+    seen = [str(jobs[s]["log"]).split() for s in ("1", "2", "3", "4")]
+    assert all(home == tmp and left == "0" for home, tmp, left in seen), seen
+    assert seen[0][0] != seen[1][0]  # a workspace with something left in it is not reused
+    assert seen[2][0] == seen[3][0]  # an empty one is
+    assert not any(Path(home).parent.exists() for home, _, _ in seen)
+    kept = run(jf, ["command"], [[cmd], [cmd]], "--keep-workspaces", "--slots", "1")
+    homes = [Path(str(kept[s]["log"]).split()[0]) for s in ("1", "2")]
+    assert homes[0] != homes[1] and all((h / "left-behind").exists() for h in homes)
+    shutil.rmtree(homes[0].parent)
 
 
 @needs_bwrap
@@ -245,3 +247,29 @@ def test_a_job_may_ask_for_a_sandbox_the_worker_allows(jf: Jobfleet) -> None:
     assert jobs["1"]["state"] == "succeeded"
     refused = run(jf, ["command", "sandbox", "max_attempts"], [["true", "bwrap", 1]], check=1)
     assert str(refused["1"]["reason"]).startswith("sandbox error: the job asks for the bwrap")
+
+
+def test_without_a_control_group_memory_is_an_address_space_limit(tmp_path: Path) -> None:
+    from jobfleet.sandbox import Attempt, ProcessSandbox
+
+    box = ProcessSandbox(cgroups=None)
+    attempt = Attempt("ulimit -v", str(tmp_path), [b"PATH=/usr/bin:/bin"], str(tmp_path),
+                      memory=256 * 2**20)
+    box.prepare(attempt)
+    child = box.run(attempt)
+    wait_for(lambda: os.waitid(os.P_PIDFD, child.pidfd, os.WEXITED | os.WNOWAIT), 10)
+    assert child.reap()[0] == 0
+    assert os.read(child.out, 100) == b"262144\n"
+    assert box.teardown(attempt).out_of_memory is False
+
+
+def test_failure_reasons_say_what_happened() -> None:
+    from jobfleet.worker.limits import failure_reason
+
+    assert failure_reason(1, None, 0, oom=False, address_space=False) == "exit code 1"
+    assert failure_reason(None, 15, 0, oom=False, address_space=False) == "killed by signal 15"
+    assert failure_reason(None, 9, 2**30, oom=True, address_space=False) == (
+        "out of memory (over its limit of 1GiB)")
+    assert failure_reason(None, 9, 2**20, oom=False, address_space=True).startswith(
+        "out of memory (killed by signal 9 under its address-space limit")
+    assert failure_reason(None, 9, 2**20, oom=False, address_space=False) == "killed by signal 9"

@@ -170,6 +170,7 @@ def probe(sandbox: str, memory: int) -> tuple[dict[str, Any] | None, str, str]:
                                                  until_done=True, lease_seconds=30))
         worker.run(handle_signals=False)
         server.close()
+        enforced = f"{size(memory)} through {worker.memory_limits}"
         [result] = db.jobs(run_id)
         text = (folder / "blobs" / "logs" / run_id / "1-1.log")
         output = text.read_text() if text.exists() else ""
@@ -178,6 +179,7 @@ def probe(sandbox: str, memory: int) -> tuple[dict[str, Any] | None, str, str]:
     for line in output.splitlines():
         if line.startswith("{"):
             report = json.loads(line)
+            report["limits"]["memory_limit"] = enforced
     return report, result.state, result.reason or output.strip()[-500:]
 
 
@@ -208,7 +210,8 @@ def test_sandbox(
     out.print(f"  writable: {', '.join(report['writable']) or 'nothing'}")
     for path, seen in report["visible"].items():
         out.print(f"  {path}: {seen}")
-    group = limits["cgroup_memory"]
-    out.print(f"  limits: memory {size(group) if group else 'not visible'} (control group), "
-              f"address space {size(limits['address_space']) if limits['address_space'] else 'unlimited'}, "
-              f"{limits['cpus']} cpus, {limits['processes_visible']} processes visible")
+    group, space = limits["cgroup_memory"], limits["address_space"]
+    out.print(f"  limits: memory {limits['memory_limit']}; seen from inside: control group "
+              f"{size(group) if group else 'not visible'}, address space "
+              f"{size(space) if space else 'unlimited'}; {limits['cpus']} cpus; "
+              f"{limits['processes_visible']} processes visible")

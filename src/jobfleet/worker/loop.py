@@ -146,11 +146,16 @@ class Worker:
         self.sandbox = sandbox_named(o.sandbox)
         self.sandbox.check()  # a sandbox that cannot work here says so now, not at a job
         self._sandboxes = {o.sandbox: self.sandbox}
+        for name in o.allow_sandboxes:  # the ones jobs may ask for are checked now too
+            if name not in self._sandboxes:
+                self._sandboxes[name] = sandbox_named(name)
+                self._sandboxes[name].check()
         self._cgroups: Cgroups | None = None
         self._spaces = Workspaces(o.workspaces or os.path.join(
             tempfile.gettempdir(), f"jobfleet-{self.id}"), keep=o.keep_workspaces)
         self._attempts = 0
         self._gpus_free = list(o.gpu_ids or (str(i) for i in range(o.gpus)))
+        self._gpu_order = {d: i for i, d in enumerate(self._gpus_free)}
         self.running: dict[int, _Running] = {}  # by pidfd
         self._pipes: dict[int, _Running] = {}  # by the read end of their output pipe
         self._poller = select.poll()
@@ -175,6 +180,14 @@ class Worker:
         self._unreported: list[Outcome] = []
         self._report_by = 0.0
         self._typical: float | None = None  # a moving average of how long attempts take
+
+    @property
+    def memory_limits(self) -> str:
+        """How this worker holds jobs to their `memory` (known once it has started)."""
+        if self.opts.sandbox == "container":
+            return "the container engine"
+        return ("a control group per attempt" if self._cgroups is not None
+                else "an address-space limit (RLIMIT_AS)")
 
     # -- lifecycle --------------------------------------------------------------------------
     def stop(self, *, now: bool = False) -> None:
@@ -477,7 +490,7 @@ class Worker:
             sandbox.prepare(attempt)
             child = sandbox.run(attempt)
         except (SandboxError, OSError) as e:
-            self._gpus_free += gpus
+            self._give_back_gpus(gpus)
             with contextlib.suppress(SandboxError, OSError):
                 sandbox.teardown(attempt)
             self._spaces.remove(space)
@@ -517,22 +530,16 @@ class Worker:
         return env
 
     def _sandbox_for(self, name: str | None) -> Sandbox:
-        """The sandbox a job asks for, if this worker allows it (else its own)."""
+        """The sandbox a job asks for (None: the worker's); SandboxError if not allowed."""
         if name is None or name == self.opts.sandbox:
             return self.sandbox
         found = self._sandboxes.get(name)
         if found is None:
-            if name not in self.opts.allow_sandboxes:
-                raise SandboxError(
-                    f"the job asks for the {name} sandbox; worker {self.id} runs jobs in "
-                    f"{self.opts.sandbox}" + (f" and allows {', '.join(self.opts.allow_sandboxes)}"
-                                               if self.opts.allow_sandboxes else ""),
-                    hint=f"start a worker with --sandbox {name} or --allow-sandbox {name}")
-            found = sandbox_named(name)
-            found.check()
-            if isinstance(found, ProcessSandbox):
-                found.cgroups = self._cgroups
-            self._sandboxes[name] = found
+            allows = self.opts.allow_sandboxes
+            raise SandboxError(
+                f"the job asks for the {name} sandbox; worker {self.id} runs jobs in "
+                f"{self.opts.sandbox}" + (f" and allows {', '.join(allows)}" if allows else ""),
+                hint=f"start a worker with --sandbox {name} or --allow-sandbox {name}")
         return found
 
     def _take_gpus(self, n: int) -> tuple[str, ...]:
@@ -541,6 +548,11 @@ class Worker:
             return ()
         taken, self._gpus_free = self._gpus_free[:n], self._gpus_free[n:]
         return tuple(taken)
+
+    def _give_back_gpus(self, gpus: tuple[str, ...]) -> None:
+        """Free the devices of an attempt that ended, keeping them in their listed order."""
+        order = self._gpu_order
+        self._gpus_free = sorted([*self._gpus_free, *gpus], key=order.__getitem__)
 
     # -- Python calls -----------------------------------------------------------------------
     def _start_call(self, lease: Lease, key: str, cwd: str) -> _Running | Outcome:
@@ -664,7 +676,7 @@ class Worker:
         self._copy_output(r, final=True)
         attempt = r.attempt
         assert attempt is not None
-        sandbox = self._sandbox_for(r.lease.spec.sandbox)
+        sandbox = self._sandboxes.get(r.lease.spec.sandbox or self.opts.sandbox, self.sandbox)
         try:
             verdict = sandbox.teardown(attempt)
         except (SandboxError, OSError) as e:
@@ -719,7 +731,7 @@ class Worker:
         """The outcome of attempt `r`, counted by status, with its log when it wrote one."""
         self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
         if r.gpus:
-            self._gpus_free += r.gpus
+            self._give_back_gpus(r.gpus)
         if isinstance(r.log, Redactor) and recorded.get("reason"):
             recorded["reason"] = r.log.redact_text(recorded["reason"])
         took = time.time() - r.began
