@@ -208,6 +208,9 @@ def test_sandbox(
     for target, how in report["network"].items():
         out.print(f"  network: {target} {how}")
     out.print(f"  writable: {', '.join(report['writable']) or 'nothing'}")
+    if sandbox == "bwrap":
+        out.print("    (/ and the folders bubblewrap makes for its mounts are its own, in memory: "
+                  "nothing written there reaches this machine's disk)")
     for path, seen in report["visible"].items():
         out.print(f"  {path}: {seen}")
     group, space = limits["cgroup_memory"], limits["address_space"]
