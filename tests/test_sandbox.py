@@ -273,3 +273,21 @@ def test_failure_reasons_say_what_happened() -> None:
     assert failure_reason(None, 9, 2**20, oom=False, address_space=True).startswith(
         "out of memory (killed by signal 9 under its address-space limit")
     assert failure_reason(None, 9, 2**20, oom=False, address_space=False) == "killed by signal 9"
+
+
+def test_a_worker_sweeps_the_folders_of_workers_that_died(jf: Jobfleet) -> None:
+    import subprocess
+    import tempfile
+
+    from jobfleet.sandbox.base import _WORKSPACES
+    from jobfleet.sandbox.cgroup import _NS
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid no process has now
+    space = Path(tempfile.gettempdir()) / f"{_WORKSPACES}{gone.pid}-wdead"
+    (space / "a1").mkdir(parents=True)
+    group = Path(ROOT) / "memory" / "jobfleet" / f"{_NS}{gone.pid}-wdead"
+    if HAVE_CGROUP:
+        (group / "a1").mkdir(parents=True)
+    run(jf, ["command", "memory"], [["true", "100MB"]])
+    assert not space.exists() and not group.exists()

@@ -16,6 +16,7 @@ import resource
 import shutil
 import signal
 import stat
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -114,6 +115,30 @@ class Sandbox(ABC):
         return Verdict()
 
 
+def pid_namespace() -> str:
+    """An id of this process's pid namespace: pids are only compared within one."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"
+
+
+#: the start of a worker's workspaces folder's name, followed by PID-WORKERID
+_WORKSPACES = f"jobfleet-ws-{pid_namespace()}-"
+
+
+def process_alive(name: str) -> bool:
+    """Is the process whose pid starts `name` (`PID-WORKERID`) alive? True if unsure."""
+    try:
+        pid = int(name.split("-", 1)[0])
+        os.kill(pid, 0)
+    except (ValueError, PermissionError):
+        return True
+    except ProcessLookupError:
+        return False
+    return True
+
+
 class Workspaces:
     """Empty per-attempt folders under one root, cleared once their attempt is over.
 
@@ -131,6 +156,18 @@ class Workspaces:
 
     def open(self) -> None:
         os.makedirs(self.root, mode=0o700, exist_ok=True)
+
+    @staticmethod
+    def default_root(worker_id: str) -> str:
+        """This worker's folder in the temporary folder, named after its pid; those of
+        workers that died without clearing theirs (SIGKILL) are deleted on the way."""
+        tmp = tempfile.gettempdir()
+        with contextlib.suppress(OSError), os.scandir(tmp) as entries:
+            for e in entries:
+                if e.name.startswith(_WORKSPACES) and not process_alive(
+                        e.name[len(_WORKSPACES):]):
+                    shutil.rmtree(e.path, ignore_errors=True)
+        return os.path.join(tmp, f"{_WORKSPACES}{os.getpid()}-{worker_id}")
 
     def make(self, name: str) -> str:
         """An empty folder for one attempt (`name` is used when a new one is made)."""

@@ -21,7 +21,11 @@ import signal
 import time
 from dataclasses import dataclass
 
+from jobfleet.sandbox.base import pid_namespace, process_alive
+
 ROOT = "/sys/fs/cgroup"
+#: worker folders are named NS-PID-WORKERID: only those of this pid namespace are swept
+_NS = f"{pid_namespace()}-"
 #: the CFS period written with a CPU quota, microseconds
 _PERIOD = 100_000
 
@@ -103,6 +107,21 @@ class Group:
         return True
 
 
+def _sweep(folder: str) -> None:
+    """Remove the groups of workers that died without removing theirs (SIGKILL)."""
+    try:
+        workers = [e.path for e in os.scandir(folder) if e.is_dir() and e.name.startswith(_NS)
+                   and not process_alive(e.name[len(_NS):])]
+    except OSError:
+        return
+    for worker in workers:
+        with contextlib.suppress(OSError):
+            for e in os.scandir(worker):
+                if e.is_dir():
+                    Group(e.path, None).remove(0.2)
+            os.rmdir(worker)
+
+
 class Cgroups:
     """Creates per-attempt groups under one worker's folder in each controller's hierarchy."""
 
@@ -117,10 +136,11 @@ class Cgroups:
         found: dict[str, str | None] = {}
         for controller in ("memory", "cpu"):
             base = os.path.join(root, controller)
-            folder = os.path.join(base, "jobfleet", worker_id)
+            folder = os.path.join(base, "jobfleet", f"{_NS}{os.getpid()}-{worker_id}")
             found[controller] = None
             if not os.path.exists(os.path.join(base, "cgroup.procs")):
                 continue
+            _sweep(os.path.join(base, "jobfleet"))
             try:
                 os.makedirs(folder, exist_ok=True)
             except OSError:

@@ -9,7 +9,6 @@ import secrets
 import select
 import signal
 import socket
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -151,8 +150,8 @@ class Worker:
                 self._sandboxes[name] = sandbox_named(name)
                 self._sandboxes[name].check()
         self._cgroups: Cgroups | None = None
-        self._spaces = Workspaces(o.workspaces or os.path.join(
-            tempfile.gettempdir(), f"jobfleet-{self.id}"), keep=o.keep_workspaces)
+        self._spaces = Workspaces(o.workspaces or Workspaces.default_root(self.id),
+                                  keep=o.keep_workspaces)
         self._attempts = 0
         self._gpus_free = list(o.gpu_ids or (str(i) for i in range(o.gpus)))
         self._gpu_order = {d: i for i, d in enumerate(self._gpus_free)}
