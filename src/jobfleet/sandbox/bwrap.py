@@ -78,12 +78,13 @@ class BwrapSandbox(ProcessSandbox):
         for d in HIDDEN_DIRS:
             if os.path.isdir(d):
                 args += ["--tmpfs", d, "--remount-ro", d]
-        # the Python the worker runs (a virtualenv, or a Python outside /usr)
-        for prefix in {sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(
-                os.path.realpath(sys.executable)))}:
+        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+        # the Python the worker runs (a virtualenv, or a Python outside /usr), bound after the
+        # private /tmp so that one installed under /tmp stays visible too
+        for prefix in sorted({sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(
+                os.path.realpath(sys.executable)))}):
             if prefix and not _under(prefix, SYSTEM) and os.path.isdir(prefix):
                 args += ["--ro-bind", prefix, prefix]
-        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
         return args
 
     def argv(self, attempt: Attempt) -> list[bytes]:
