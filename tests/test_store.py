@@ -197,6 +197,24 @@ def test_a_job_handed_back_unstarted_leaves_no_attempt(store: Store) -> None:
     assert store.finish("w", [Outcome(a.key, a.token, UNSTARTED)]) == [a.key]  # stale token
 
 
+def test_a_repeated_sandbox_error_does_not_use_up_attempts(store: Store, clock: Clock) -> None:
+    """The sandbox failing again says nothing new about the job: only the first sandbox error
+    counts against max_attempts (up to a limit, so a broken machine cannot retry for ever)."""
+    run_id = submit(store, job(max_attempts=2, retry_delay=0))
+
+    def attempt(reason: str) -> str:
+        (x,) = store.lease("w", BIG, 60)
+        store.finish("w", [Outcome(x.key, x.token, "failed", reason=reason)])
+        return store.jobs(run_id)[0].state
+
+    assert attempt("sandbox error: bwrap: cannot mount") == "queued"  # counted: 1 of 2
+    assert attempt("sandbox error: bwrap: cannot mount") == "queued"  # not counted
+    assert attempt("sandbox error: bwrap: cannot mount") == "queued"  # not counted
+    assert attempt("exit code 1") == "failed"  # counted: 2 of 2
+    [j] = store.jobs(run_id)
+    assert j.attempts == 4
+
+
 def test_lease_can_be_limited_to_one_run(store: Store) -> None:
     first = submit(store, job())
     second = submit(store, job())

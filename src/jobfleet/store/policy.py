@@ -8,6 +8,18 @@ from jobfleet.store.base import CANCELLED, FAILED, MAX_BACKOFF, QUEUED
 
 #: attempt outcomes that may be retried
 _RETRYABLE = frozenset({"failed", "lost"})
+#: a failure of the sandbox, not of the job: the reason starts with this
+SANDBOX_ERROR = "sandbox error"
+#: sandbox errors after a job's first that do not use up its attempts; past these they do, so a
+#: broken machine cannot retry a job for ever
+FREE_SANDBOX_ERRORS = 5
+
+
+def uncounted(status: str, reason: str | None, earlier_sandbox_errors: int) -> bool:
+    """Whether this attempt is a repeated sandbox error that does not use up an attempt: the
+    sandbox failing again says nothing new about the job."""
+    return (status == "failed" and (reason or "").startswith(SANDBOX_ERROR)
+            and 0 < earlier_sandbox_errors <= FREE_SANDBOX_ERRORS)
 
 
 def backoff(retry_delay: float, used: int) -> float:

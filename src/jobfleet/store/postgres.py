@@ -366,6 +366,12 @@ class PostgresStore(Store):
         if status == "released":
             state, not_before, budget_from = QUEUED, now, budget_from + 1
         else:
+            if reason and reason.startswith(policy.SANDBOX_ERROR):
+                found = c.execute(
+                    "SELECT count(*) FROM attempts WHERE job_id = %s AND reason LIKE %s",
+                    (key, policy.SANDBOX_ERROR + "%")).fetchone()
+                if found is not None and policy.uncounted(status, reason, found[0]):
+                    budget_from += 1
             state, not_before = policy.after_attempt(
                 status, exit_code=exit_code, used=attempts - budget_from,
                 max_attempts=max_attempts, retry_on=retry_on, retry_delay=retry_delay,

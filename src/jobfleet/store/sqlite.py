@@ -357,6 +357,12 @@ class SQLiteStore(Store):
         if status == "released":
             state, not_before, budget_from = QUEUED, now, budget_from + 1
         else:
+            if reason and reason.startswith(policy.SANDBOX_ERROR):
+                (earlier,) = c.execute(
+                    "SELECT count(*) FROM attempts WHERE job_id = ? AND reason LIKE ?",
+                    (key, policy.SANDBOX_ERROR + "%")).fetchone()
+                if policy.uncounted(status, reason, earlier):
+                    budget_from += 1
             state, not_before = policy.after_attempt(
                 status, exit_code=exit_code, used=attempts - budget_from,
                 max_attempts=max_attempts, retry_on=retry_on, retry_delay=retry_delay,
