@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 from conftest import Jobfleet, wait_for, write_csv
@@ -71,7 +70,9 @@ def test_worker_lost(jf: Jobfleet, tmp_path: Path, marker: str) -> None:
     wait_for(lambda: jf.jobs(run)[f"{run}-1"]["state"] == "running", 15, what="the job to start")
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
-    time.sleep(1.5)  # the lease runs out
+    # silent: its last heartbeat is a lease length old, so the lease it renewed has run out
+    wait_for(lambda: [w["state"] for w in jf.json("workers")] == ["silent"], 15,
+             what="the killed worker's lease to run out")
     jf("worker", "--idle-exit", "0.5", check=0)  # another worker reaps it
     text = explain(jf, f"{run}-1")
     assert "failed" in text and "its worker was lost" in text

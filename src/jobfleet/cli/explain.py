@@ -19,6 +19,7 @@ from jobfleet.blobs import Blobs, log_key
 from jobfleet.cli.app import BlobsOpt, JsonOpt, StoreOpt, app, connect, out, settings
 from jobfleet.cli.fmt import STATE_STYLE, dumps, duration, size
 from jobfleet.store import Job, Store, WorkerInfo
+from jobfleet.store.policy import SANDBOX_ERROR
 
 #: log lines shown for a failed job
 LOG_LINES = 10
@@ -110,13 +111,13 @@ def _queued(db: Store, job: Job, now: float) -> Explanation:
 
 def _running(db: Store, job: Job, now: float) -> Explanation:
     worker = next((w for w in db.workers() if w.id == job.worker_id), None)
-    since = f" for {_span(now - job.started_at)}" if job.started_at else ""
+    since = f" for {duration(now - job.started_at)}" if job.started_at else ""
     where = f"{job.worker_id} on {worker.host}" if worker else str(job.worker_id)
     ex = Explanation(job.id, job.state,
                      f"on worker {where}{since}, attempt {job.attempts} of {job.max_attempts}.")
     if worker is not None:
         silent = now - worker.heartbeat_at
-        ex.facts.append(f"last heartbeat from its worker: {_span(silent)} ago")
+        ex.facts.append(f"last heartbeat from its worker: {duration(silent)} ago")
         if silent > worker.lease_seconds:
             ex.why += " Its worker has gone silent: the lease expires and the job is retried."
             ex.fix = "check the worker's host; `jobfleet workers` lists them"
@@ -153,7 +154,7 @@ def _failure(job: Job, reason: str) -> tuple[str, str]:
         return (f"its worker was lost ({reason}): the machine died, was stopped, or lost the "
                 "store, and the job had no attempts left.",
                 f"{retry}; raise `max_attempts` so a lost worker costs a retry, not the job")
-    if reason.startswith("sandbox error"):
+    if reason.startswith(SANDBOX_ERROR):
         return (f"the sandbox itself failed ({reason}), not the job.",
                 f"`jobfleet doctor` checks the setup; then {retry}")
     if reason.startswith("declared output missing"):
@@ -194,12 +195,8 @@ def _attempts(n: int) -> str:
 
 def _took(job: Job) -> str:
     if job.started_at and job.finished_at:
-        return f", its last one taking {_span(job.finished_at - job.started_at)}"
+        return f", its last one taking {duration(job.finished_at - job.started_at)}"
     return ""
-
-
-def _span(seconds: float) -> str:
-    return duration(seconds)
 
 
 def _clock(ts: float) -> str:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import abc
 import json
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from jobfleet.errors import NotFound
 from jobfleet.spec.model import JobSpec
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, SKIPPED = (
@@ -20,6 +22,8 @@ UNSTARTED = "unstarted"
 MAX_BACKOFF = 300.0
 
 Clock = Callable[[], float]
+#: what a run id (or a prefix of one) looks like
+_RUN_REF = re.compile(r"[0-9a-z]+\Z")
 
 
 def job_id(run_id: str, seq: int) -> str:
@@ -300,9 +304,29 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def runs(self, limit: int = 50) -> list[Run]: ...
 
-    @abc.abstractmethod
     def run(self, ref: str) -> Run:
         """The run with this id or unique id prefix (`latest` for the newest)."""
+        ref = ref.strip().lower()
+        if ref in ("", "latest", "last"):
+            newest = self.runs(limit=1)
+            if not newest:
+                raise NotFound("there are no runs in this store yet",
+                               hint=f"submit one with `jobfleet run FILE` (store: {self.url})")
+            return newest[0]
+        if not _RUN_REF.match(ref):
+            raise NotFound(f"'{ref}' is not a run id", hint="run ids are hex, like 3f9a2c1b")
+        found = self._runs_by_prefix(ref)
+        if not found:
+            raise NotFound(f"no run '{ref}' in {self.url}",
+                           hint="`jobfleet runs` lists the runs; check --store too")
+        if len(found) > 1 and found[0].id != ref:
+            raise NotFound(f"'{ref}' names more than one run ({found[0].id}, {found[1].id}, ...)",
+                           hint="give more characters of the id")
+        return found[0]
+
+    @abc.abstractmethod
+    def _runs_by_prefix(self, prefix: str) -> list[Run]:
+        """At most two runs whose id starts with `prefix`, in id order."""
 
     @abc.abstractmethod
     def pending(self, run_id: str) -> int | None:
@@ -327,9 +351,22 @@ class Store(abc.ABC):
     def clear_results(self, run_id: str) -> int:
         """Forget the run's stored calls and results; returns how many jobs had any."""
 
-    @abc.abstractmethod
     def job(self, ref: str) -> Job:
         """The job with id `RUN-SEQ` (RUN may be a unique prefix)."""
+        run_ref, sep, seq = ref.strip().rpartition("-")
+        if not sep or not seq.isdigit():
+            raise NotFound(f"'{ref}' is not a job id",
+                           hint="job ids are RUN-N, like 3f9a2c1b-17 (`jobfleet jobs RUN` lists them)")
+        run = self.run(run_ref or "latest")
+        found = self._job_at(run.id, int(seq))
+        if found is None:
+            raise NotFound(f"run {run.id} has no job {seq}",
+                           hint=f"its jobs are numbered 1 to {run.total}")
+        return found
+
+    @abc.abstractmethod
+    def _job_at(self, run_id: str, seq: int) -> Job | None:
+        """Job `seq` of run `run_id`, if there is one."""
 
     @abc.abstractmethod
     def attempts(self, job_key: int) -> list[Attempt]: ...

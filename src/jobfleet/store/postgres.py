@@ -9,7 +9,6 @@ is announced with NOTIFY, so `wait_for_work` wakes a waiting worker at once.
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -42,7 +41,6 @@ from jobfleet.store.base import (
 from jobfleet.store.pgconn import CHANNEL, Conn, Connector
 
 T = TypeVar("T")
-_REF = re.compile(r"[0-9a-z]+\Z")
 _Q = sqlfiles.queries("postgres")
 #: how often one process looks for expired leases, at most
 _REAP_EVERY = 1.0
@@ -441,24 +439,9 @@ class PostgresStore(Store):
         return [self._run(r) for r in self._all(
             _Q["run"] + " ORDER BY created_at DESC LIMIT %s", (limit,))]
 
-    def run(self, ref: str) -> Run:
-        ref = ref.strip().lower()
-        if ref in ("", "latest", "last"):
-            rows = self._all(_Q["run"] + " ORDER BY created_at DESC LIMIT 1")
-            if not rows:
-                raise NotFound("there are no runs in this store yet",
-                               hint=f"submit one with `jobfleet run FILE` (store: {self.url})")
-            return self._run(rows[0])
-        if not _REF.match(ref):
-            raise NotFound(f"'{ref}' is not a run id", hint="run ids are hex, like 3f9a2c1b")
-        rows = self._all(_Q["run"] + " WHERE id LIKE %s ORDER BY id LIMIT 2", (ref + "%",))
-        if not rows:
-            raise NotFound(f"no run '{ref}' in {self.url}",
-                           hint="`jobfleet runs` lists the runs; check --store too")
-        if len(rows) > 1 and rows[0][0] != ref:
-            raise NotFound(f"'{ref}' names more than one run ({rows[0][0]}, {rows[1][0]}, ...)",
-                           hint="give more characters of the id")
-        return self._run(rows[0])
+    def _runs_by_prefix(self, prefix: str) -> list[Run]:
+        return [self._run(r) for r in self._all(
+            _Q["run"] + " WHERE id LIKE %s ORDER BY id LIMIT 2", (prefix + "%",))]
 
     def pending(self, run_id: str) -> int | None:
         [(exists, n)] = self._all(
@@ -494,17 +477,9 @@ class PostgresStore(Store):
         args.append(limit)  # NULL: no limit
         return [Job(*r) for r in self._all(sql, args)]
 
-    def job(self, ref: str) -> Job:
-        run_ref, sep, seq = ref.strip().rpartition("-")
-        if not sep or not seq.isdigit():
-            raise NotFound(f"'{ref}' is not a job id",
-                           hint="job ids are RUN-N, like 3f9a2c1b-17 (`jobfleet jobs RUN` lists them)")
-        run = self.run(run_ref) if run_ref else self.run("latest")
-        rows = self._all(_Q["job"] + " WHERE j.run_id = %s AND j.seq = %s", (run.id, int(seq)))
-        if not rows:
-            raise NotFound(f"run {run.id} has no job {seq}",
-                           hint=f"its jobs are numbered 1 to {run.total}")
-        return Job(*rows[0])
+    def _job_at(self, run_id: str, seq: int) -> Job | None:
+        rows = self._all(_Q["job"] + " WHERE j.run_id = %s AND j.seq = %s", (run_id, seq))
+        return Job(*rows[0]) if rows else None
 
     def attempts(self, job_key: int) -> list[Attempt]:
         return [Attempt(*r) for r in self._all(_Q["attempts"], {"key": job_key})]

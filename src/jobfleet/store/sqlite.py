@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import select
 import sqlite3
@@ -40,7 +39,6 @@ from jobfleet.store.base import (
 )
 from jobfleet.store.watch import FileWatch, watch_file
 
-_REF = re.compile(r"[0-9a-z]+\Z")
 _Q = sqlfiles.queries("sqlite")
 #: how often one process looks for expired leases, at most
 _REAP_EVERY = 1.0
@@ -422,26 +420,10 @@ class SQLiteStore(Store):
         return [self._run(r) for r in self._db.execute(
             "SELECT * FROM runs ORDER BY created_at DESC LIMIT ?", (limit,))]
 
-    def run(self, ref: str) -> Run:
-        ref = ref.strip().lower()
-        if ref in ("", "latest", "last"):
-            rows = self._db.execute("SELECT * FROM runs ORDER BY created_at DESC LIMIT 1").fetchall()
-            if not rows:
-                raise NotFound("there are no runs in this store yet",
-                               hint=f"submit one with `jobfleet run FILE` (store: {self.path})")
-            return self._run(rows[0])
-        if not _REF.match(ref):
-            raise NotFound(f"'{ref}' is not a run id", hint="run ids are hex, like 3f9a2c1b")
-        rows = self._db.execute(
-            "SELECT * FROM runs WHERE id >= ? AND id < ? ORDER BY id LIMIT 2", (ref, ref + "~")
-        ).fetchall()
-        if not rows:
-            raise NotFound(f"no run '{ref}' in {self.path}",
-                           hint="`jobfleet runs` lists the runs; check --store too")
-        if len(rows) > 1 and rows[0][0] != ref:
-            raise NotFound(f"'{ref}' names more than one run ({rows[0][0]}, {rows[1][0]}, ...)",
-                           hint="give more characters of the id")
-        return self._run(rows[0])
+    def _runs_by_prefix(self, prefix: str) -> list[Run]:
+        return [self._run(r) for r in self._db.execute(
+            "SELECT * FROM runs WHERE id >= ? AND id < ? ORDER BY id LIMIT 2",
+            (prefix, prefix + "~"))]
 
     def pending(self, run_id: str) -> int | None:
         if not self._db.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
@@ -484,18 +466,10 @@ class SQLiteStore(Store):
         args.append(-1 if limit is None else limit)
         return [self._job(r) for r in self._db.execute(sql, args)]
 
-    def job(self, ref: str) -> Job:
-        run_ref, sep, seq = ref.strip().rpartition("-")
-        if not sep or not seq.isdigit():
-            raise NotFound(f"'{ref}' is not a job id",
-                           hint="job ids are RUN-N, like 3f9a2c1b-17 (`jobfleet jobs RUN` lists them)")
-        run = self.run(run_ref) if run_ref else self.run("latest")
+    def _job_at(self, run_id: str, seq: int) -> Job | None:
         row = self._db.execute(_Q["job"] + " WHERE j.run_id = ? AND j.seq = ?",
-                               (run.id, int(seq))).fetchone()
-        if row is None:
-            raise NotFound(f"run {run.id} has no job {seq}",
-                           hint=f"its jobs are numbered 1 to {run.total}")
-        return self._job(row)
+                               (run_id, seq)).fetchone()
+        return None if row is None else self._job(row)
 
     def attempts(self, job_key: int) -> list[Attempt]:
         found = [Attempt(*r) for r in self._db.execute(

@@ -28,6 +28,7 @@ from jobfleet.sandbox import (
 from jobfleet.sandbox.cgroup import Cgroups
 from jobfleet.sandbox.env import ALLOWED_PYTHON, base_env, entries
 from jobfleet.store import UNSTARTED, Capacity, Lease, Outcome, Store, WorkerInfo
+from jobfleet.store.policy import SANDBOX_ERROR
 from jobfleet.worker.calls import RECYCLE_AFTER, Runner
 from jobfleet.worker.limits import Redactor, failure_reason
 from jobfleet.worker.outputs import missing_outputs, outputs_done, upload_outputs
@@ -476,7 +477,7 @@ class Worker:
             sandbox = self._sandbox_for(spec.sandbox)
             space = self._spaces.make(name)
         except (SandboxError, OSError) as e:
-            return Outcome(lease.key, lease.token, "failed", reason=f"sandbox error: {e}")
+            return Outcome(lease.key, lease.token, "failed", reason=f"{SANDBOX_ERROR}: {e}")
         gpus = self._take_gpus(spec.gpus)
         env = self._attempt_env(lease, space, gpus)
         cwd = workdir or space
@@ -494,7 +495,7 @@ class Worker:
                 sandbox.teardown(attempt)
             self._spaces.remove(space)
             if isinstance(e, SandboxError):
-                reason = f"sandbox error: {e.message}"
+                reason = f"{SANDBOX_ERROR}: {e.message}"
             elif isinstance(e, FileNotFoundError) and not os.path.isdir(cwd):
                 reason = f"workdir {cwd} does not exist on {socket.gethostname()}"
             else:
