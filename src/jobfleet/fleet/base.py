@@ -125,7 +125,7 @@ class Provider(abc.ABC):
     def describe(self) -> dict[str, object]:
         """What this provider is and where it starts workers (no secrets), for status."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (an optional hook)
         """Let go of connections; machines keep running."""
 
 
