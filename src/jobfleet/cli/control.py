@@ -59,6 +59,8 @@ def worker(
         "--memory", help="Memory to offer jobs, e.g. 8GiB (this machine's).")] = None,
     gpus: GpusOpt = None,
     run: Annotated[str | None, typer.Option("--run", help="Serve only this run.")] = None,
+    worker_id: Annotated[str | None, typer.Option(
+        "--id", help="This worker's id (chosen at random).")] = None,
     idle_exit: Annotated[float | None, typer.Option(
         "--idle-exit", metavar="SECONDS", help="Exit after this long without work.")] = None,
     max_jobs: Annotated[int | None, typer.Option(
@@ -84,7 +86,8 @@ def worker(
     run_id = db.run(run).id if run else None
     opts = worker_options(
         s, cpus=cpus, memory=parse_size(memory) if memory else None,
-        idle_exit=idle_exit, max_jobs=max_jobs, run_id=run_id, **sandboxing)
+        idle_exit=idle_exit, max_jobs=max_jobs, run_id=run_id, worker_id=worker_id,
+        **sandboxing)
     w = Worker(db, blob_store, opts)
     out.print(f"worker {w.id}: {opts.slots} slots, sandbox {opts.sandbox}, store {db.url}"
               + (f", run {run_id}" if run_id else ""))
