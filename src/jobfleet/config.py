@@ -21,6 +21,10 @@ from jobfleet.errors import ConfigError
 from jobfleet.spec.model import parse_duration
 
 CONFIG_FILE = "jobfleet.toml"
+#: tables of jobfleet.toml that jobfleet.fleet reads: [fleet] and [providers.NAME]
+FLEET_TABLES = ("fleet", "providers")
+#: [fleet] settings that JOBFLEET_NAME variables set too
+FLEET_VARIABLES = ("provider", "fleet", "max_workers", "keep_alive")
 ENV_PREFIX = "JOBFLEET_"
 
 
@@ -148,7 +152,7 @@ def load_settings(
         if line is not None:
             s.lines[name] = line
 
-    path = Path(env.get(ENV_PREFIX + "CONFIG") or cwd / CONFIG_FILE)
+    path = config_path(env, cwd)
     if path.is_file():
         try:
             text = path.read_text()
@@ -160,11 +164,13 @@ def load_settings(
         for key, raw in table.items():
             line = _key_line(text, key) if problems is not None else None
             if key not in _PARSERS:
-                if isinstance(raw, dict):  # a table for a later part (providers, ...)
+                if key in FLEET_TABLES and isinstance(raw, dict):  # read by jobfleet.fleet
+                    continue
+                if isinstance(raw, dict):
                     if problems is not None:
                         problems.append(SettingProblem(
-                            str(path), f"the table [{key}] is not checked", "nothing reads it"
-                            " yet: fleet providers come in a later release", line, key,
+                            str(path), f"the table [{key}] is not read by jobfleet",
+                            f"tables are: {', '.join(f'[{t}]' for t in FLEET_TABLES)}", line, key,
                             warning=True))
                     continue
                 report(SettingProblem(str(path), f"unknown setting '{key}'",
@@ -184,10 +190,17 @@ def load_settings(
     return s
 
 
+def config_path(env: Mapping[str, str] | None = None, cwd: Path | None = None) -> Path:
+    """The settings file: $JOBFLEET_CONFIG, else jobfleet.toml in the current folder."""
+    env = os.environ if env is None else env
+    return Path(env.get(ENV_PREFIX + "CONFIG") or (cwd or Path.cwd()) / CONFIG_FILE)
+
+
 def _unknown_variables(env: Mapping[str, str]) -> list[SettingProblem]:
     """Warnings for JOBFLEET_ variables that look like a misspelt setting (other JOBFLEET_
     variables, such as those a job sees, are not settings and are left alone)."""
     known = [ENV_PREFIX + name.upper() for name in _PARSERS] + [ENV_PREFIX + "CONFIG"]
+    known += [ENV_PREFIX + name.upper() for name in FLEET_VARIABLES]
     found = []
     for var in sorted(env):
         if var.startswith(ENV_PREFIX) and var not in known:

@@ -23,6 +23,15 @@ from jobfleet.cli.app import (
     settings,
     worker_options,
 )
+from jobfleet.cli.fleet import (
+    FleetFlags,
+    FleetOpt,
+    HostsOpt,
+    KeepAliveOpt,
+    MaxWorkersOpt,
+    ProviderOpt,
+    SshKeyOpt,
+)
 from jobfleet.cli.fmt import dumps, size
 from jobfleet.cli.sandboxing import (
     AllowSandboxOpt,
@@ -33,6 +42,7 @@ from jobfleet.cli.sandboxing import (
     SandboxOpt,
     sandbox_options,
 )
+from jobfleet.config import Settings
 from jobfleet.errors import SpecError
 from jobfleet.spec import JobSpec
 from jobfleet.store import Capacity, NewRun
@@ -118,16 +128,26 @@ def run(
     keep_workspaces: KeepWorkspacesOpt = False,
     allow_network: NetworkOpt = True,
     gpus: GpusOpt = None,
+    provider: ProviderOpt = None,
+    fleet: FleetOpt = None,
+    hosts: HostsOpt = None,
+    ssh_key: SshKeyOpt = None,
+    max_workers: MaxWorkersOpt = None,
+    keep_alive: KeepAliveOpt = None,
     store: StoreOpt = None,
     blobs: BlobsOpt = None,
 ) -> None:
-    """Run every job on this machine with a live progress bar; exit 1 if any job failed."""
+    """Run every job with a live progress bar (on this machine, or on workers a --provider
+    starts); exit 1 if any job failed."""
     from jobfleet.cli.watch import ProgressView, summary
     from jobfleet.worker import Worker, capacity
 
     jobs, source = load_jobs(args, each)
     s = settings(store, blobs, slots=slots, lease_seconds=lease_seconds)
     run_id = secrets.token_hex(4)
+    flags = FleetFlags(provider, fleet, max_workers, keep_alive, hosts, ssh_key)
+    if flags.given() or os.environ.get("JOBFLEET_PROVIDER") or fleet_configured():
+        raise typer.Exit(run_on_fleet(jobs, source, name, s, run_id, flags))
     options = worker_options(s, run_id=run_id, until_done=True, worker_id=f"w{run_id[:4]}-1",
                              **sandbox_options(sandbox, inherit_env, keep_workspaces,
                                                allow_sandbox, allow_network, gpus))
@@ -156,3 +176,75 @@ def run(
                   f"`jobfleet worker --run {run_id}`, or `jobfleet cancel {run_id}`.")
         code = 130
     raise typer.Exit(code)
+
+
+def fleet_configured() -> bool:
+    """Does jobfleet.toml choose a provider ([fleet] provider = ...)?"""
+    from jobfleet.config import config_path
+
+    path = config_path()
+    return path.is_file() and "[fleet]" in path.read_text()
+
+
+def run_on_fleet(jobs: list[JobSpec], source: str, name: str | None, s: Settings,
+                 run_id: str, flags: FleetFlags) -> int:
+    """`run --provider P`: store the run, size a fleet to it until it is done, then take the
+    fleet down and check that nothing is left. Returns the exit status."""
+    from jobfleet.cli.fleet import (
+        fleet_settings,
+        keep_alive_note,
+        launch_spec,
+        open_provider,
+        report_teardown,
+        warn_if_unreachable,
+    )
+    from jobfleet.cli.watch import ProgressView, summary
+    from jobfleet.fleet.autoscale import Autoscaler, FleetError, Step, down
+
+    fs = fleet_settings(flags)
+    provider = open_provider(fs)  # its settings are checked before anything is stored
+    db, blob_store = connect(s)
+    warn_if_unreachable(fs, db, blob_store)
+    db.submit(NewRun(name=name, source=source, workdir=os.getcwd(), id=run_id), jobs)
+    total = len(jobs)
+    scaler = Autoscaler(db, provider, launch_spec(fs, s, db, blob_store, run_id),
+                        fs.max_workers, keep_alive=fs.keep_alive)
+    stopped = False
+
+    def interrupted(signum: int, frame: object) -> None:
+        nonlocal stopped
+        stopped = True
+
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
+    note = keep_alive_note(fs)
+    out.print(f"run [bold]{run_id}[/]: {total} jobs on fleet {fs.name} ({fs.provider}, up to"
+              f" {fs.max_workers} workers)  [dim](store {db.url})[/]")
+    failure = None
+    with ProgressView(db.url, run_id, total) as view:
+        def show(step: Step) -> None:
+            failed = f", {len(step.failed)} failed" if step.failed else ""
+            view.note = f"{len(step.live)} workers{failed}" + (f"; {note}" if note else "")
+
+        try:
+            scaler.run(lambda: stopped or db.pending(run_id) == 0, on_step=show)
+        except FleetError as e:
+            failure = e
+    code = summary(db, blob_store, run_id, time.monotonic() - view.started)
+    if failure is not None:
+        err.print(f"[red]error:[/] {failure.message}\n  → {failure.hint}")
+        code = max(code, 1)
+    if fs.keep_alive:
+        out.print(note)
+    else:
+        before = provider.list()
+        left = down(provider)
+        report_teardown(fs, before, left)
+        code = code or (1 if left else 0)
+    if stopped:
+        err.print(f"stopped: the fleet was taken down, unfinished jobs went back to the queue."
+                  f" Resume with `jobfleet fleet autoscale --run {run_id}`, or"
+                  f" `jobfleet cancel {run_id}`.")
+        code = 130
+    provider.close()
+    return code

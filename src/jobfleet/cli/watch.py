@@ -28,6 +28,7 @@ class ProgressView:
     def __init__(self, store_url: str, run_id: str, total: int) -> None:
         self.store_url, self.run_id, self.total = store_url, run_id, total
         self.started = time.monotonic()
+        self.note = ""  # shown after the counts (the fleet's size, say)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._show, name="progress", daemon=True)
 
@@ -69,18 +70,20 @@ class ProgressView:
             MofNCompleteColumn(),
             TextColumn("{task.fields[counts]}"),
             TextColumn("[dim]{task.fields[rate]}"),
+            TextColumn("{task.fields[note]}"),
             TimeRemainingColumn(),
             console=out,
             refresh_per_second=8,
         )
         with progress:
-            task = progress.add_task(self.run_id, total=self.total, counts="", rate="")
+            task = progress.add_task(self.run_id, total=self.total, counts="", rate="", note="")
             while True:
                 stopping = self._stop.is_set()
                 done, counts = self._done(db)
                 elapsed = time.monotonic() - self.started
                 rate = f"{done / elapsed:.0f} jobs/s" if elapsed > 0.5 and done else ""
-                progress.update(task, completed=done, counts=counts_text(counts), rate=rate)
+                progress.update(task, completed=done, counts=counts_text(counts), rate=rate,
+                                note=self.note)
                 if stopping:
                     return
                 self._stop.wait(_TICK)
@@ -88,7 +91,8 @@ class ProgressView:
     def _lines(self, db: Store) -> None:
         while True:
             done, counts = self._done(db)
-            out.print(f"{self.run_id}: {done}/{self.total} done  {counts_text(counts)}")
+            note = f"  {self.note}" if self.note else ""
+            out.print(f"{self.run_id}: {done}/{self.total} done  {counts_text(counts)}{note}")
             if self._stop.wait(_PLAIN_EVERY):
                 return
 

@@ -12,6 +12,7 @@ from jobfleet.store.base import (
     Attempt,
     Beat,
     Capacity,
+    Demand,
     Ended,
     Event,
     Job,
@@ -26,7 +27,7 @@ from jobfleet.store.base import (
 from jobfleet.store.urls import masked
 
 __all__ = [
-    "STATES", "TERMINAL", "UNSTARTED", "Attempt", "Beat", "Capacity", "Ended", "Event", "Job",
+    "STATES", "TERMINAL", "UNSTARTED", "Attempt", "Beat", "Capacity", "Demand", "Ended", "Event", "Job",
     "Lease", "NewRun", "Outcome", "Run", "Store", "WorkerInfo", "job_id", "open_store",
 ]
 

@@ -7,6 +7,7 @@ import json
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from jobfleet.errors import NotFound
 from jobfleet.spec.model import JobSpec
@@ -152,6 +153,23 @@ class Capacity:
     cpus: float
     memory: int  # bytes
     gpus: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """What jobs still ask of a fleet: those queued (waiting out a backoff included) and
+    running, their resources summed, and the running ones per worker."""
+
+    queued: int
+    running: int
+    cpus: float
+    memory: int  # bytes
+    gpus: int
+    busy: dict[str, int] = field(default_factory=dict)  # worker id -> jobs it runs
+
+    @property
+    def jobs(self) -> int:
+        return self.queued + self.running
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +349,22 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def pending(self, run_id: str) -> int | None:
         """Jobs of the run still queued or running; None while the run does not exist."""
+
+    def demand(self, run_id: str | None = None) -> Demand:
+        """What the run's jobs (or every run's) still ask of the workers serving it."""
+        by_state = {state: (int(n), float(c or 0), int(m or 0), int(g or 0))
+                    for state, n, c, m, g in self._rows(
+                        "SELECT state, count(*), sum(cpus), sum(memory), sum(gpus) FROM jobs"
+                        " WHERE state IN ('queued', 'running'){run} GROUP BY state", run_id)}
+        busy = {w: int(n) for w, n in self._rows(
+            "SELECT worker_id, count(*) FROM jobs WHERE state = 'running'{run}"
+            " GROUP BY worker_id", run_id)}
+        q, r = by_state.get(QUEUED, (0, 0.0, 0, 0)), by_state.get(RUNNING, (0, 0.0, 0, 0))
+        return Demand(q[0], r[0], q[1] + r[1], q[2] + r[2], q[3] + r[3], busy)
+
+    @abc.abstractmethod
+    def _rows(self, sql: str, run_id: str | None) -> list[tuple[Any, ...]]:
+        """The rows of `sql`, its `{run}` standing for a filter on `run_id` (when given)."""
 
     @abc.abstractmethod
     def counts(self, run_id: str) -> dict[str, int]:

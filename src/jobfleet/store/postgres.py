@@ -449,6 +449,11 @@ class PostgresStore(Store):
             " WHERE run_id = %s AND state IN ('queued', 'running')", (run_id, run_id))
         return int(n) if exists else None
 
+    def _rows(self, sql: str, run_id: str | None) -> list[tuple[Any, ...]]:
+        if run_id is None:
+            return self._all(sql.format(run=""))
+        return self._all(sql.format(run=" AND run_id = %s"), (run_id,))
+
     def counts(self, run_id: str) -> dict[str, int]:
         counts = dict.fromkeys(STATES, 0)
         counts.update((state, int(n)) for state, n in self._all(

@@ -433,6 +433,11 @@ class SQLiteStore(Store):
             (run_id,)).fetchone()
         return int(n)
 
+    def _rows(self, sql: str, run_id: str | None) -> list[tuple[Any, ...]]:
+        if run_id is None:
+            return self._db.execute(sql.format(run="")).fetchall()
+        return self._db.execute(sql.format(run=" AND run_id = ?"), (run_id,)).fetchall()
+
     def counts(self, run_id: str) -> dict[str, int]:
         counts = dict.fromkeys(STATES, 0)
         counts.update(self._db.execute(
