@@ -1,0 +1,253 @@
+"""The slurm provider against a real single-node Slurm (tests/slurm.py): workers as array
+tasks run a job file from a PostgreSQL store, a worker cancelled mid-run loses nothing,
+terminate leaves nothing in the queue, failures say why with the worker's log, and the
+store's password never shows on a command line."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Jobfleet, wait_for, write_csv
+from jobfleet.errors import ConfigError
+from jobfleet.fleet import FAILED, LAUNCHING, LIVE, READY, STOPPED, LaunchSpec, Machine
+from slurm import SlurmCluster, slurm  # noqa: F401 (the fixture)
+
+JOBS = 8
+
+
+class Store:
+    """A fresh PostgreSQL database owned by a role of its own with a password (the server
+    trusts local connections, so the password is carried, not checked)."""
+
+    def __init__(self, url: str, password: str) -> None:
+        self.url, self.password = url, password
+
+
+@pytest.fixture
+def store() -> Iterator[Store]:
+    import psycopg
+
+    from pg import fresh_database, require_server
+
+    server = require_server()
+    role = f"jobfleet_slurm_{secrets.token_hex(4)}"
+    password = f"pw-{secrets.token_hex(8)}"
+    with fresh_database(server) as url:
+        name = url.rsplit("/", 1)[1]
+        with psycopg.connect(server, autocommit=True) as admin:
+            admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+            admin.execute(f"ALTER DATABASE {name} OWNER TO {role}")
+        try:
+            host = url.split("@", 1)[1]
+            yield Store(f"postgresql://{role}:{password}@{host}", password)
+        finally:
+            with psycopg.connect(server, autocommit=True) as admin:
+                admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(f"DROP ROLE IF EXISTS {role}")
+
+
+class CommandLines:
+    """Every command line seen on this machine while it runs (sampled every 20 ms)."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            for entry in os.listdir("/proc"):
+                try:
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        self.seen.add(f.read().replace(b"\0", b" ").decode("utf-8", "replace"))
+                except OSError:
+                    pass
+
+    def stop(self) -> set[str]:
+        self._stop.set()
+        self._thread.join(5)
+        return self.seen
+
+
+@pytest.fixture
+def command_lines() -> Iterator[CommandLines]:
+    sampler = CommandLines()
+    yield sampler
+    sampler.stop()
+
+
+def provider(tmp_path: Path, **settings: object) -> Any:
+    from jobfleet.fleet.slurm import SlurmProvider
+
+    changes: list[Machine] = []
+    p = SlurmProvider(f"t{secrets.token_hex(3)}",
+                      {"log_dir": str(tmp_path / "slurm-logs"), "time_limit": "10m",
+                       "stop_grace": "10s", **settings}, changes.append)
+    p.changes = changes  # type: ignore[attr-defined]
+    return p
+
+
+def phases(p: Any) -> dict[str, str]:
+    return {m.id: m.phase for m in p.list()}
+
+
+def in_queue(cluster: SlurmCluster, job_name: str) -> list[str]:
+    """The fleet's jobs squeue still shows as pending or running."""
+    return [line for line in cluster.squeue("--name", job_name)
+            if line.split()[1] not in ("COMPLETED", "COMPLETING", "CANCELLED", "FAILED")]
+
+
+def test_workers_finish_a_run_while_one_is_cancelled_mid_job(
+        slurm: SlurmCluster, store: Store, jf: Jobfleet, tmp_path: Path,  # noqa: F811
+        command_lines: CommandLines) -> None:
+    write_csv(tmp_path / "jobs.csv", ["command", "n", "max_attempts"],
+              [["sleep 2; echo job {n}", i, 3] for i in range(1, JOBS + 1)])
+    jf.env["JOBFLEET_STORE"] = store.url
+    run = jf.submit("jobs.csv")
+    p = provider(tmp_path)
+    spec = LaunchSpec(fleet=p.fleet, run_id=run, slots=1, idle_exit=3, lease_seconds=2,
+                      env={"JOBFLEET_STORE": store.url, "JOBFLEET_BLOBS": str(jf.blobs)})
+
+    machines = p.launch(2, spec)
+    assert [m.phase for m in machines] == [LAUNCHING, LAUNCHING]
+    first, second = machines
+    assert first.worker_id == f"{p.fleet}-{first.id}"
+
+    from jobfleet.store import open_store
+
+    with open_store(store.url) as db:
+        def busy(worker: str) -> bool:
+            return any(j.worker_id == worker for j in db.jobs(run, state="running"))
+
+        wait_for(lambda: busy(str(first.worker_id)), 30, interval=0.1,
+                 what="the first worker to run a job")
+        assert phases(p)[first.id] == READY
+        # SIGKILL to the worker alone: it dies with a job in hand and tells nobody, as on a
+        # lost node (a plain scancel would let it record its job's end)
+        slurm.run("scancel", "--batch", "--signal=KILL", first.id)
+        def ended() -> Machine | None:
+            m = next(m for m in p.list() if m.id == first.id)
+            return m if m.phase not in LIVE else None
+
+        gone = wait_for(ended, 20, interval=0.2, what="the task to end")
+        assert gone.phase == FAILED and "killed by signal 9" in str(gone.reason), gone
+        replacement, = p.launch(1, spec)
+        wait_for(lambda: db.counts(run)["succeeded"] == JOBS, 60, interval=0.2,
+                 what="every job to succeed")
+
+        jobs = db.jobs(run)
+        attempts = {j.id: db.attempts(j.key) for j in jobs}
+    for job, tries in attempts.items():
+        assert [a.state for a in tries].count("succeeded") == 1, (job, tries)
+        assert tries[-1].state == "succeeded", (job, tries)
+    lost = [a for t in attempts.values() for a in t
+            if a.worker_id == first.worker_id and a.state == "lost"]
+    assert lost, attempts  # the killed worker's job went back to the queue when its lease expired
+    assert {t[-1].worker_id for t in attempts.values()} <= {
+        second.worker_id, replacement.worker_id}
+    for seq in (1, JOBS):
+        assert jf("logs", f"{run}-{seq}", check=0).stdout == f"job {seq}\n"
+    # each worker wrote its log where the settings say, named after it
+    log = tmp_path / "slurm-logs" / f"{second.worker_id}.log"
+    assert f"worker {second.worker_id} on " in log.read_text()
+
+    # the workers exit once idle; terminate stops whatever is left, and nothing is
+    p.terminate([m.id for m in p.list()])
+    assert not [m for m in p.list() if m.phase in LIVE]
+    assert in_queue(slurm, p.job_name) == []
+    assert {c.phase for c in p.changes} >= {LAUNCHING, READY, STOPPED}
+
+    seen = command_lines.stop()
+    assert any("jobfleet worker --id" in line for line in seen), "the sampler saw no worker"
+    assert not [line for line in seen if store.password in line]
+
+
+def test_terminate_drains_running_workers_and_cancels_pending_ones(
+        slurm: SlurmCluster, jf: Jobfleet, tmp_path: Path) -> None:  # noqa: F811
+    p = provider(tmp_path)
+    spec = LaunchSpec(fleet=p.fleet, run_id=None, slots=1, idle_exit=300,
+                      env={"JOBFLEET_STORE": str(jf.store_path),
+                           "JOBFLEET_BLOBS": str(jf.blobs)})
+    machines = p.launch(3, spec)  # two CPUs: two run, one waits
+    ids = [m.id for m in machines]
+
+    def two_running() -> bool:
+        now = phases(p)
+        return sorted(now[i] for i in ids) == [LAUNCHING, READY, READY]
+
+    wait_for(two_running, 30, interval=0.2, what="two workers running and one pending")
+    running = [i for i, phase in phases(p).items() if phase == READY]
+    with jf.open_store() as db:
+        wait_for(lambda: len([w for w in db.workers() if w.state == "running"]) == 2, 30,
+                 what="both workers to register")
+    p.terminate(ids)
+    after = {m.id: m for m in p.list()}
+    assert [i for i in ids if after[i].phase in LIVE] == []
+    for i in running:  # SIGTERM drained them: their workers exited by themselves
+        assert after[i].reason == "its worker exited", after[i]
+    pending, = set(ids) - set(running)
+    assert after[pending].reason == "cancelled"
+    assert in_queue(slurm, p.job_name) == []
+    with jf.open_store() as db:
+        assert {w.state for w in db.workers()} == {"stopped"}
+
+
+def test_a_worker_that_cannot_start_is_failed_with_why_and_its_log(
+        slurm: SlurmCluster, jf: Jobfleet, tmp_path: Path) -> None:  # noqa: F811
+    spec_env = {"JOBFLEET_STORE": str(jf.store_path), "JOBFLEET_BLOBS": str(jf.blobs)}
+    bad_setup = provider(tmp_path, setup="echo fetching the reference data\nfalse\necho never")
+    no_python = provider(tmp_path, python="/opt/nowhere/bin/python3")
+    m1, = bad_setup.launch(1, LaunchSpec(fleet=bad_setup.fleet, run_id=None, env=spec_env))
+    m2, = no_python.launch(1, LaunchSpec(fleet=no_python.fleet, run_id=None, env=spec_env))
+
+    def failed(p: Any, mid: str) -> Machine | None:
+        return next((m for m in p.list() if m.id == mid and m.phase == FAILED), None)
+
+    one = wait_for(lambda: failed(bad_setup, m1.id), 30, interval=0.2, what="setup to fail")
+    assert "setup failed (exit status 1)" in str(one.reason), one
+    assert "fetching the reference data" in one.log_tail
+    assert not any("never" in line for line in one.log_tail)
+    assert any(c.phase == FAILED for c in bad_setup.changes)
+
+    two = wait_for(lambda: failed(no_python, m2.id), 30, interval=0.2, what="python missing")
+    assert "python not found" in str(two.reason) and "/opt/nowhere/bin/python3" in str(two.reason)
+    assert "exited with status 97" in str(two.reason)
+
+
+def test_a_refused_submission_is_a_failed_machine_not_an_exception(
+        slurm: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811
+    p = provider(tmp_path, partition="nosuchpartition")
+    machines = p.launch(2, LaunchSpec(fleet=p.fleet, run_id=None))
+    assert [m.phase for m in machines] == [FAILED, FAILED]
+    assert "sbatch refused" in str(machines[0].reason)
+    assert "partition" in str(machines[0].reason).lower()
+    assert p.list() == []
+
+
+def test_bad_settings_are_refused_before_anything_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobfleet.fleet import provider_named
+
+    with pytest.raises(ConfigError, match="time_limit") as e:
+        provider_named("slurm", "f", {"time_limit": "abc"})
+    assert "providers.slurm" in str(e.value) and "abc" in str(e.value)
+    with pytest.raises(ConfigError, match="no setting 'partiton'"):
+        provider_named("slurm", "f", {"partiton": "gpu"})
+    with pytest.raises(ConfigError, match="--job-name"):
+        provider_named("slurm", "f", {"sbatch_args": "--qos=high --job-name=mine"})
+    with pytest.raises(ConfigError, match="time_limit"):
+        provider_named("slurm", "f", {"time_limit": "30s"})
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no Slurm commands here
+    with pytest.raises(ConfigError, match="sbatch") as e:
+        provider_named("slurm", "f", {})
+    assert "login node" in str(e.value)
