@@ -251,3 +251,54 @@ def test_bad_settings_are_refused_before_anything_starts(
     with pytest.raises(ConfigError, match="sbatch") as e:
         provider_named("slurm", "f", {})
     assert "login node" in str(e.value)
+
+
+def test_jobfleet_run_on_slurm_finishes_a_job_file_despite_a_cancelled_worker(
+        slurm: SlurmCluster, store: Store, jf: Jobfleet, tmp_path: Path,  # noqa: F811
+        command_lines: CommandLines) -> None:
+    """`jobfleet run jobs.csv --provider slurm`: the autoscaler submits the workers, one is
+    cancelled with scancel mid-job, its job is retried, the run ends with every job
+    succeeded once, and the fleet is taken down with nothing left in the queue."""
+    fleet = f"e2e{secrets.token_hex(3)}"
+    (tmp_path / "jobfleet.toml").write_text(f"""\
+[fleet]
+max_workers = 2
+idle_exit = "5s"
+
+[providers.slurm]
+log_dir = "{tmp_path / 'slurm-logs'}"
+time_limit = "10m"
+stop_grace = "10s"
+""")
+    write_csv(tmp_path / "jobs.csv", ["command", "n"],
+              [["sleep 2; echo job {n}", i] for i in range(1, JOBS + 1)])
+    jf.env["JOBFLEET_STORE"] = store.url
+    proc = jf.popen("run", "jobs.csv", "--provider", "slurm", "--fleet", fleet, "--slots", "1",
+                    "--lease-seconds", "2")
+
+    from jobfleet.store import open_store
+
+    with open_store(store.url) as db:
+        def held() -> str | None:
+            runs = db.runs()
+            running = db.jobs(runs[0].id, state="running") if runs else []
+            return next((j.worker_id for j in running if j.worker_id), None)
+
+        worker = wait_for(held, 60, interval=0.1, what="a slurm worker to run a job")
+        assert worker.startswith(f"{fleet}-"), worker
+        slurm.run("scancel", worker.removeprefix(f"{fleet}-"))  # as a user would
+        out, errors = proc.communicate(timeout=120)
+        assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{errors}"
+        run = db.runs()[0].id
+        attempts = {j.id: db.attempts(j.key) for j in db.jobs(run)}
+    assert len(attempts) == JOBS
+    for job, tries in attempts.items():
+        assert [a.state for a in tries].count("succeeded") == 1, (job, tries)
+        assert tries[-1].state == "succeeded", (job, tries)
+    retried = [t for t in attempts.values() if t[0].worker_id == worker and len(t) > 1]
+    assert retried, attempts  # the cancelled worker's job ran again elsewhere
+    assert "nothing is left" in out, out
+    assert in_queue(slurm, f"jobfleet-{fleet}") == []
+    seen = command_lines.stop()
+    assert any("jobfleet worker --id" in line for line in seen), "the sampler saw no worker"
+    assert not [line for line in seen if store.password in line]
