@@ -14,7 +14,8 @@ from conftest import Jobfleet, wait_for, write_csv
 STATES = ("queued", "running", "succeeded", "failed", "cancelled", "skipped")
 RUN_KEYS = {"run", "name", "source", "workdir", "created_at", "total", "state", "counts"}
 JOB_KEYS = {"job", "run", "seq", "name", "state", "attempts", "max_attempts", "exit_code",
-            "signal", "reason", "started_at", "finished_at", "worker", "peak_rss", "command"}
+            "signal", "reason", "started_at", "finished_at", "worker", "peak_rss", "stalled_since",
+            "command"}
 WORKER_KEYS = {"worker", "host", "pid", "run", "state", "slots", "cpus", "memory", "gpus",
                "jobs_done", "started_at", "heartbeat_at"}
 

@@ -24,7 +24,7 @@ import pytest
 from conftest import wait_for
 from jobfleet.errors import NotFound, StoreError
 from jobfleet.spec import JobSpec, make_job
-from jobfleet.store import UNSTARTED, Capacity, NewRun, Outcome, Store, open_store, sqlfiles
+from jobfleet.store import STALLED, UNSTARTED, Capacity, NewRun, Outcome, Store, open_store, sqlfiles
 from jobfleet.store.sqlite import SQLiteStore
 from pg import Cluster, free_port, fresh_database, require_server
 
@@ -284,6 +284,31 @@ def test_heartbeat_with_a_stale_token_reports_the_lease_lost(store: Store, clock
     store.lease("b", BIG, 10)
     beat = store.heartbeat("a", [(x.key, x.token)], 10)
     assert beat.lost == {x.key}
+
+
+def test_a_stalled_job_is_marked_until_it_moves_or_is_leased_again(
+        store: Store, clock: Clock) -> None:
+    run_id = submit(store, job(retry_delay=0), job())
+    a, b = store.lease("a", BIG, 10)
+    clock.advance(100)
+    assert store.mark_stalled("a", a.key, a.token, 60)
+    stalled = store.job(f"{run_id}-1")
+    assert stalled.stalled_since == clock() - 60
+    assert [j.seq for j in store.jobs(run_id, STALLED)] == [1]
+    assert store.job(f"{run_id}-2").stalled_since is None
+    kinds = [(e.kind, e.detail) for e in store.events(run_id, a.key)]
+    assert ("stalled", {"quiet_for": 60}) in kinds
+    assert store.mark_stalled("a", a.key, a.token, None)  # it printed again
+    assert store.jobs(run_id, STALLED) == []
+    assert store.events(run_id, a.key)[-1].kind == "progressing"
+    assert store.mark_stalled("a", a.key, a.token, 70)
+    store.heartbeat("a", [(b.key, b.token)], 10)
+    clock.advance(11)
+    store.reap()  # a's lease expired: the next attempt starts unstalled
+    (again,) = store.lease("b", BIG, 10)
+    assert again.key == a.key and store.job(f"{run_id}-1").stalled_since is None
+    assert not store.mark_stalled("a", a.key, a.token, 80)  # a stale token changes nothing
+    assert store.job(f"{run_id}-1").stalled_since is None
 
 
 def test_a_finish_racing_a_reap_is_recorded_once(make_store: StoreFactory, clock: Clock) -> None:

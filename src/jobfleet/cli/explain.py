@@ -19,7 +19,7 @@ from jobfleet.blobs import Blobs, log_key
 from jobfleet.cli.app import BlobsOpt, JsonOpt, StoreOpt, app, connect, out, settings
 from jobfleet.cli.fmt import STATE_STYLE, dumps, duration, size
 from jobfleet.store import Job, Store, WorkerInfo
-from jobfleet.store.policy import SANDBOX_ERROR
+from jobfleet.store.policy import SANDBOX_ERROR, STALLED
 
 #: log lines shown for a failed job
 LOG_LINES = 10
@@ -121,6 +121,13 @@ def _running(db: Store, job: Job, now: float) -> Explanation:
         if silent > worker.lease_seconds:
             ex.why += " Its worker has gone silent: the lease expires and the job is retried."
             ex.fix = "check the worker's host; `jobfleet workers` lists them"
+    if job.stalled_since is not None:
+        quiet = duration(now - job.stalled_since)
+        ex.why += (f" It looks stalled: no output and no CPU use for {quiet} (its stall_after"
+                   f" is {duration(job.spec.stall_after or 0)}).")
+        ex.fix = (f"see what it last printed with `jobfleet logs {job.id}`; if it is hung,"
+                  f" `jobfleet cancel {job.id}`, or give such jobs"
+                  " `on_stall = retry` to have them stopped and retried")
     timeout = job.spec.timeout
     if timeout and job.started_at:
         ex.facts.append(f"timeout: {timeout:g}s, {max(0.0, timeout - (now - job.started_at)):.0f}s"
@@ -154,6 +161,9 @@ def _failure(job: Job, reason: str) -> tuple[str, str]:
         return (f"its worker was lost ({reason}): the machine died, was stopped, or lost the "
                 "store, and the job had no attempts left.",
                 f"{retry}; raise `max_attempts` so a lost worker costs a retry, not the job")
+    if reason.startswith(STALLED):
+        return (f"it {reason}, so it was stopped (its on_stall is retry) and had no attempts"
+                " left.", f"look at where its log ends for what it waited on; then {retry}")
     if reason.startswith(SANDBOX_ERROR):
         return (f"the sandbox itself failed ({reason}), not the job.",
                 f"`jobfleet doctor` checks the setup; then {retry}")

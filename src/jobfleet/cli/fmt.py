@@ -76,7 +76,7 @@ def job_json(job: Job) -> dict[str, Any]:
         "attempts": job.attempts, "max_attempts": job.max_attempts, "exit_code": job.exit_code,
         "signal": job.signal, "reason": job.reason, "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at), "worker": job.worker_id, "peak_rss": job.peak_rss,
-        "command": job.spec.command,
+        "stalled_since": iso(job.stalled_since), "command": job.spec.command,
     }
 
 

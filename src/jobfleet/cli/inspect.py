@@ -23,8 +23,8 @@ from jobfleet.cli.fmt import (
     run_state,
     size,
 )
-from jobfleet.errors import NotFound, SpecError
-from jobfleet.store import STATES, WorkerInfo
+from jobfleet.errors import NotFound
+from jobfleet.store import STALLED, STATES, WorkerInfo, state_filter
 
 RunArg = Annotated[str, typer.Argument(metavar="RUN", help="Run id or unique prefix.")]
 
@@ -70,8 +70,10 @@ def status(
     done = r.total - counts["queued"] - counts["running"]
     out.print(f"run [bold]{r.id}[/] ({run_state(r, counts)}), {r.name or r.source or ''}")
     out.print(f"  created {ago(r.created_at)}, {done}/{r.total} done")
+    stalled = len(db.jobs(r.id, STALLED)) if counts["running"] else 0
     for state in STATES:
-        out.print(f"  [{STATE_STYLE[state]}]{state:<10}[/] {counts[state]}")
+        note = f"  [yellow]({stalled} stalled)[/]" if state == "running" and stalled else ""
+        out.print(f"  [{STATE_STYLE[state]}]{state:<10}[/] {counts[state]}{note}")
 
 
 @app.command()
@@ -83,8 +85,7 @@ def jobs(
     json: JsonOpt = False,
 ) -> None:
     """List a run's jobs."""
-    if state is not None and state not in STATES:
-        raise SpecError(f"unknown state '{state}'", hint=f"states are: {', '.join(STATES)}")
+    state = state_filter(state)
     db = connect_store(settings(store))
     found = db.jobs(db.run(run).id, state, limit)
     if json:
@@ -100,7 +101,10 @@ def jobs(
         took = (j.finished_at - j.started_at) if j.finished_at and j.started_at else None
         exit_text = str(j.exit_code) if j.exit_code is not None else (
             f"sig {j.signal}" if j.signal else "")
-        table.add_row(j.id, j.name or "", f"[{STATE_STYLE[j.state]}]{j.state}[/]",
+        shown = f"[{STATE_STYLE[j.state]}]{j.state}[/]" + (
+            f" [yellow](stalled {duration(time.time() - j.stalled_since)})[/]"
+            if j.stalled_since else "")
+        table.add_row(j.id, j.name or "", shown,
                       str(j.attempts), exit_text, duration(took) if took is not None else "",
                       size(j.peak_rss) if j.peak_rss else "", j.reason or "")
     out.print(table)

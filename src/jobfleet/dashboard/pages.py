@@ -21,8 +21,7 @@ from jobfleet.dashboard.views import (
     read_log,
     worker_views,
 )
-from jobfleet.errors import SpecError
-from jobfleet.store import STATES, Store
+from jobfleet.store import STALLED, STATES, Store, state_filter
 
 Ctx = Annotated[Context, Depends(context)]
 #: jobs listed on a run's page (the JSON API pages through any number)
@@ -82,14 +81,14 @@ def runs_fragment(request: Request, ctx: Ctx) -> HTMLResponse:
 
 # -- one run ----------------------------------------------------------------------------------
 def _run(request: Request, ctx: Context, ref: str, state: str | None, name: str) -> HTMLResponse:
-    state = state or None
-    if state is not None and state not in STATES:
-        raise SpecError(f"unknown state '{state}'", hint=f"states are: {', '.join(STATES)}")
+    state = state_filter(state)
     db = _db(ctx)
     view = ctx.run_views.view(db, db.run(ref))
     jobs = db.jobs(view.run.id, state, JOBS_SHOWN)
-    shown_of = view.counts[state] if state else view.run.total
-    return render(request, name, v=view, jobs=jobs, state=state, shown_of=shown_of)
+    stalled = len(db.jobs(view.run.id, STALLED)) if view.counts["running"] else 0
+    shown_of = (stalled if state == STALLED else view.counts[state]) if state else view.run.total
+    return render(request, name, v=view, jobs=jobs, state=state, shown_of=shown_of,
+                  stalled=stalled)
 
 
 StateQuery = Annotated[str | None, Query(description="only jobs in this state")]

@@ -16,10 +16,14 @@ RESERVED = frozenset(
     {
         "command", "name", "cpus", "memory", "gpus", "timeout", "max_attempts", "workdir",
         "outputs", "skip_if_done", "min_size", "instance_type", "retry_on", "retry_delay",
-        "network", "image", "sandbox", "secret_env",
+        "network", "image", "sandbox", "secret_env", "stall_after", "on_stall",
     }
 )
 ENV_PREFIX = "env."
+#: by default a job is stalled after this long without output or CPU use, seconds (the
+#: low-CPU alarm of the hand-built fleets our users come from waited 15 minutes)
+STALL_AFTER = 900.0
+ON_STALL = ("report", "retry")
 #: an `env.NAME` value starting so is read on the submitting side, and kept secret
 SECRET_PREFIX = "secret:"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -49,6 +53,9 @@ class JobSpec:
     image: str | None = None  # container image, for the container sandbox
     sandbox: str | None = None  # run in this sandbox, where the worker allows it
     secret_env: tuple[str, ...] = ()  # names in `env` whose values are redacted everywhere
+    #: a running job with no output and no CPU use for this long is stalled; None: never
+    stall_after: float | None = STALL_AFTER
+    on_stall: str = "report"  # report: shown as stalled; retry: also killed (a failed attempt)
 
     def secret_values(self) -> list[str]:
         """The values of the secret variables, longest first (to redact them)."""
@@ -155,6 +162,19 @@ def _list(value: object, sep: str = ";") -> list[str]:
     return [p.strip() for p in str(value).split(sep) if p.strip()]
 
 
+def _optional_duration(value: object, never: tuple[str, ...]) -> float | None:
+    if str(value).strip().lower() in never:
+        return None
+    return parse_duration(value) or None
+
+
+def _one_of(value: object, choices: tuple[str, ...]) -> str:
+    text = str(value).strip().lower()
+    if text not in choices:
+        raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+    return text
+
+
 def _optional_text(value: object) -> str | None:
     text = str(value).strip() if value is not None else ""
     return text or None
@@ -178,6 +198,8 @@ _FIELD_PARSERS: dict[str, Any] = {
     "image": _optional_text,
     "sandbox": _optional_text,
     "secret_env": lambda v: tuple(_list(v)),
+    "stall_after": lambda v: _optional_duration(v, never=("never", "0")),
+    "on_stall": lambda v: _one_of(v, ON_STALL),
 }
 
 #: (field, raw text) -> parsed value; values are immutable, so sharing them is safe

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from jobfleet.errors import ConfigError
 from jobfleet.store.base import (
+    STALLED,
     STATES,
     TERMINAL,
     UNSTARTED,
@@ -23,12 +24,14 @@ from jobfleet.store.base import (
     Store,
     WorkerInfo,
     job_id,
+    state_filter,
 )
 from jobfleet.store.urls import masked
 
 __all__ = [
-    "STATES", "TERMINAL", "UNSTARTED", "Attempt", "Beat", "Capacity", "Demand", "Ended", "Event", "Job",
-    "Lease", "NewRun", "Outcome", "Run", "Store", "WorkerInfo", "job_id", "open_store",
+    "STALLED", "STATES", "TERMINAL", "UNSTARTED", "Attempt", "Beat", "Capacity", "Demand",
+    "Ended", "Event", "Job", "Lease", "NewRun", "Outcome", "Run", "Store", "WorkerInfo", "job_id",
+    "open_store", "state_filter",
 ]
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobfleet.errors import NotFound
+from jobfleet.errors import NotFound, SpecError
 from jobfleet.spec.model import JobSpec
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, SKIPPED = (
@@ -17,6 +17,8 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, SKIPPED = (
 #: every job state, in the order the CLI shows them
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, SKIPPED)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, SKIPPED})
+#: not a state: running jobs that their worker reports stalled, as a filter of `jobs()`
+STALLED = "stalled"
 #: an outcome, not a state: a job leased ahead went back unstarted
 UNSTARTED = "unstarted"
 #: the longest wait between retries, whatever the job's retry_delay
@@ -25,6 +27,14 @@ MAX_BACKOFF = 300.0
 Clock = Callable[[], float]
 #: what a run id (or a prefix of one) looks like
 _RUN_REF = re.compile(r"[0-9a-z]+\Z")
+
+
+def state_filter(state: str | None) -> str | None:
+    """`state` checked as a filter of `Store.jobs`: a state or STALLED (None, "": every job)."""
+    if state and state not in STATES and state != STALLED:
+        raise SpecError(f"unknown state '{state}'",
+                        hint=f"states are: {', '.join(STATES)}; and {STALLED} (running ones)")
+    return state or None
 
 
 def job_id(run_id: str, seq: int) -> str:
@@ -61,6 +71,8 @@ class Job:
     worker_id: str | None
     spec_json: str
     peak_rss: int | None = None  # bytes, of the latest finished attempt
+    #: a running job's worker saw no output and no CPU use from it since then (store clock)
+    stalled_since: float | None = None
 
     @property
     def id(self) -> str:
@@ -269,6 +281,12 @@ class Store(abc.ABC):
 
         `jobs_done` (jobs this worker has finished so far) is recorded with the beat.
         """
+
+    @abc.abstractmethod
+    def mark_stalled(self, worker_id: str, key: int, token: str, quiet_for: float | None) -> bool:
+        """Record that a running attempt has made no progress (no output, no CPU use) for
+        `quiet_for` seconds, or (None) that it makes progress again; with an event either
+        way. False when the token no longer holds the lease."""
 
     @abc.abstractmethod
     def cancel_requests(self, worker_id: str) -> frozenset[int]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import random
 
-from jobfleet.store.base import CANCELLED, FAILED, MAX_BACKOFF, QUEUED
+from jobfleet.store.base import CANCELLED, FAILED, MAX_BACKOFF, QUEUED, STALLED
+
+__all__ = ["SANDBOX_ERROR", "STALLED", "after_attempt", "backoff", "stall_event", "uncounted"]
 
 #: attempt outcomes that may be retried
 _RETRYABLE = frozenset({"failed", "lost"})
@@ -13,6 +15,13 @@ SANDBOX_ERROR = "sandbox error"
 #: sandbox errors after a job's first that do not use up its attempts; past these they do, so a
 #: broken machine cannot retry a job for ever
 FREE_SANDBOX_ERRORS = 5
+
+
+def stall_event(quiet_for: float | None) -> tuple[str, dict[str, object]]:
+    """The event recording that an attempt stalled (quiet for so long), or moves again."""
+    if quiet_for is None:
+        return "progressing", {}
+    return "stalled", {"quiet_for": round(quiet_for, 1)}
 
 
 def uncounted(status: str, reason: str | None, earlier_sandbox_errors: int) -> bool:

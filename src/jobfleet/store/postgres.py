@@ -21,6 +21,7 @@ from jobfleet.store.base import (
     CANCELLED,
     QUEUED,
     RUNNING,
+    STALLED,
     STATES,
     SUCCEEDED,
     UNSTARTED,
@@ -183,6 +184,21 @@ class PostgresStore(Store):
                         host=w.host, pid=w.pid, slots=w.slots)
 
         self._tx(register)
+
+    def mark_stalled(self, worker_id: str, key: int, token: str, quiet_for: float | None) -> bool:
+        now = self.clock()
+        since = None if quiet_for is None else now - quiet_for
+
+        def mark(c: Conn, _: bool) -> bool:
+            row = c.execute(
+                "UPDATE jobs SET stalled_since = %s WHERE id = %s AND lease_token = %s"
+                " AND state = 'running' RETURNING run_id", (since, key, token)).fetchone()
+            if row is not None:
+                kind, detail = policy.stall_event(quiet_for)
+                self._event(c, now, kind, row[0], key, worker_id, **detail)
+            return row is not None
+
+        return self._tx(mark)
 
     def set_worker_state(self, worker_id: str, state: str, jobs_done: int | None = None) -> None:
         now = self.clock()
@@ -475,7 +491,9 @@ class PostgresStore(Store):
     def jobs(self, run_id: str, state: str | None = None, limit: int | None = None) -> list[Job]:
         sql = _Q["job"] + " WHERE j.run_id = %s"
         args: list[Any] = [run_id]
-        if state is not None:
+        if state == STALLED:
+            sql += " AND j.state = 'running' AND j.stalled_since IS NOT NULL"
+        elif state is not None:
             sql += " AND j.state = %s"
             args.append(state)
         sql += " ORDER BY j.seq LIMIT %s"

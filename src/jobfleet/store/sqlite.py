@@ -20,6 +20,7 @@ from jobfleet.store.base import (
     CANCELLED,
     QUEUED,
     RUNNING,
+    STALLED,
     STATES,
     SUCCEEDED,
     UNSTARTED,
@@ -294,6 +295,18 @@ class SQLiteStore(Store):
                       " WHERE id = ?", (now, jobs_done, worker_id))
         return Beat(frozenset(lost), self.cancel_requests(worker_id))
 
+    def mark_stalled(self, worker_id: str, key: int, token: str, quiet_for: float | None) -> bool:
+        now = self.clock()
+        since = None if quiet_for is None else now - quiet_for
+        with self._tx() as c:
+            row = c.execute(
+                "UPDATE jobs SET stalled_since = ? WHERE id = ? AND lease_token = ?"
+                " AND state = 'running' RETURNING run_id", (since, key, token)).fetchone()
+            if row is not None:
+                kind, detail = policy.stall_event(quiet_for)
+                self._event(c, now, kind, row[0], key, worker_id, **detail)
+        return row is not None
+
     def cancel_requests(self, worker_id: str) -> frozenset[int]:
         return frozenset(k for (k,) in self._db.execute(
             "SELECT id FROM jobs WHERE state = 'running' AND cancel_requested = 1"
@@ -464,7 +477,9 @@ class SQLiteStore(Store):
     def jobs(self, run_id: str, state: str | None = None, limit: int | None = None) -> list[Job]:
         sql = _Q["job"] + " WHERE j.run_id = ?"
         args: list[Any] = [run_id]
-        if state is not None:
+        if state == STALLED:
+            sql += " AND j.state = 'running' AND j.stalled_since IS NOT NULL"
+        elif state is not None:
             sql += " AND j.state = ?"
             args.append(state)
         sql += " ORDER BY j.seq LIMIT ?"

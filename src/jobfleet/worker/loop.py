@@ -28,10 +28,11 @@ from jobfleet.sandbox import (
 from jobfleet.sandbox.cgroup import Cgroups
 from jobfleet.sandbox.env import ALLOWED_PYTHON, base_env, entries
 from jobfleet.store import UNSTARTED, Capacity, Lease, Outcome, Store, WorkerInfo
-from jobfleet.store.policy import SANDBOX_ERROR
+from jobfleet.store.policy import SANDBOX_ERROR, STALLED
 from jobfleet.worker.calls import RECYCLE_AFTER, Runner
 from jobfleet.worker.limits import Redactor, failure_reason
 from jobfleet.worker.outputs import missing_outputs, outputs_done, upload_outputs
+from jobfleet.worker.progress import cpu_seconds
 
 log = logging.getLogger("jobfleet.worker")
 
@@ -52,8 +53,17 @@ _SHORT_JOB = 0.05
 #: this many jobs
 _AHEAD_SECONDS = 0.01
 _MAX_AHEAD = 100
+#: a stalled job's CPU use is looked at this many times per stall_after (at most once a second)
+_LOOKS_PER_STALL = 10
+#: CPU seconds that count as using the CPU between two looks (below: clock-tick noise)
+_CPU_NOISE = 0.02
 #: how long the outcome of a short job may wait to be reported with others, seconds
 _REPORT_WITHIN = 0.01
+
+
+def _look_every(stall_after: float | None) -> float:
+    """How often to look at a job's CPU use, given its stall_after (seconds)."""
+    return max(1.0, (stall_after or 0.0) / _LOOKS_PER_STALL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +113,10 @@ class _Running:
     kill_at: float | None = None
     attempt: Attempt | None = None  # a command's: its sandbox, workspace and limits
     gpus: tuple[str, ...] = ()  # the GPU devices it holds
+    quiet_since: float = 0.0  # monotonic: when it last printed or used CPU, as far as seen
+    cpu: float = 0.0  # CPU seconds its processes had used when last looked at
+    next_look: float = 0.0  # monotonic: when to look at its CPU use again
+    stalled: bool = False  # reported stalled (and not moving again since)
 
 
 @dataclass(slots=True)
@@ -120,7 +134,8 @@ class _Timers:
 
     def __post_init__(self) -> None:
         self.idle_since = self.born
-        self.next_beat = self.next_cancel_check = self.born + self.beat_every
+        self.next_beat = self.born + self.beat_every
+        self.next_cancel_check = self.born + _CANCEL_CHECK
 
     def leased(self, now: float, got: int) -> None:
         """Poll again at once after a lease that found work; back off while there is none."""
@@ -281,9 +296,11 @@ class Worker:
                 self._heartbeat(now)
                 t.next_beat = now + t.beat_every
                 t.next_cancel_check = now + _CANCEL_CHECK
+                self._watch_progress(now)
             elif self.running and now >= t.next_cancel_check:
                 self._cancel(self.store.cancel_requests(self.id), now)
                 t.next_cancel_check = now + _CANCEL_CHECK
+                self._watch_progress(now)
 
     def _next_wake(self, t: _Timers) -> float:
         """The soonest moment something needs doing if no job ends before it."""
@@ -356,6 +373,7 @@ class Worker:
                 r.log.close()
                 return
             r.log.write(data)
+            r.quiet_since = time.monotonic()
 
     def _work_due(self) -> bool:
         """Is a job that this worker could take waiting out a retry backoff?"""
@@ -505,7 +523,9 @@ class Worker:
         writer = self.blobs.log_writer(key)
         if spec.secret_env:
             writer = Redactor(writer, spec.secret_values())
-        r = _Running(lease, writer, child, deadline, time.time(), attempt=attempt, gpus=gpus)
+        started = time.monotonic()
+        r = _Running(lease, writer, child, deadline, time.time(), attempt=attempt, gpus=gpus,
+                     quiet_since=started, next_look=started + _look_every(spec.stall_after))
         self._pipes[child.out] = r
         self._poller.register(child.pidfd, select.POLLIN)
         self._poller.register(child.out, select.POLLIN)
@@ -663,6 +683,34 @@ class Worker:
             elif r.deadline is not None and now >= r.deadline:
                 self._kill(r, "timeout", now)
 
+    def _watch_progress(self, now: float) -> None:
+        """Find commands that have stalled (no output and no CPU use for their stall_after)
+        and report them (or, with on_stall=retry, stop them); report those moving again."""
+        due = [r for r in self.running.values() if not isinstance(r.child, Runner)
+               and r.lease.spec.stall_after is not None and now >= r.next_look
+               and r.stopping is None]
+        if not due:
+            return
+        used = cpu_seconds(r.child.pid for r in due)
+        for r in due:
+            spec = r.lease.spec
+            assert spec.stall_after is not None
+            r.next_look = now + _look_every(spec.stall_after)
+            cpu = used.get(r.child.pid, r.cpu)
+            if cpu > r.cpu + _CPU_NOISE:
+                r.cpu, r.quiet_since = cpu, now
+            quiet = now - r.quiet_since
+            if quiet >= spec.stall_after and not r.stalled:
+                r.stalled = True
+                log.warning("job %s stalled: no output and no CPU use for %.0fs",
+                            r.lease.id, quiet, extra={"action": "stalled"})
+                self.store.mark_stalled(self.id, r.lease.key, r.lease.token, quiet)
+                if spec.on_stall == "retry":
+                    self._kill(r, "stalled", now)
+            elif r.stalled and quiet < spec.stall_after:
+                r.stalled = False
+                self.store.mark_stalled(self.id, r.lease.key, r.lease.token, None)
+
     def _tick_logs(self, now: float) -> None:
         """Store output a log writer held back for long enough (remote blob stores)."""
         for r in self.running.values():
@@ -725,10 +773,15 @@ class Worker:
             return "released", "worker stopped before the job finished"
         if r.stopping == "lost":
             return "failed", "lease lost"
+        if r.stopping == "stalled":
+            return "failed", (f"{STALLED}: no output and no CPU use for"
+                              f" {r.lease.spec.stall_after:g}s")
         return None
 
     def _ended(self, r: _Running, status: str, **recorded: Any) -> Outcome:
         """The outcome of attempt `r`, counted by status, with its log when it wrote one."""
+        if status == "succeeded" and r.log.failure() is not None:  # its output is not all there
+            status, recorded["reason"] = "failed", r.log.failure()
         self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
         if r.gpus:
             self._give_back_gpus(r.gpus)

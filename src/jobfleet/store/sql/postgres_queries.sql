@@ -6,7 +6,7 @@
 -- A job, with what its latest finished attempt measured.
 SELECT j.id, j.run_id, j.seq, j.name, j.state, j.attempts, j.max_attempts, j.exit_code,
        j.signal, j.reason, j.started_at, j.finished_at, j.not_before, j.worker_id, j.spec,
-       a.peak_rss
+       a.peak_rss, CASE WHEN j.state = 'running' THEN j.stalled_since END
 FROM jobs j LEFT JOIN attempts a ON a.job_id = j.id AND a.number = j.attempts
 
 -- name: lease
@@ -18,7 +18,7 @@ WITH picked AS ({pick})
 UPDATE jobs j SET state = 'running', attempts = j.attempts + 1, worker_id = %(worker)s,
     lease_token = %(token)s::text || '.' || j.id, lease_expires = %(expires)s,
     started_at = %(now)s, exit_code = NULL, signal = NULL, reason = NULL, finished_at = NULL,
-    result = NULL
+    result = NULL, stalled_since = NULL
 FROM picked WHERE j.id = picked.id
 RETURNING j.id, j.run_id, j.seq, j.attempts, j.lease_token, j.spec, j.payload
 

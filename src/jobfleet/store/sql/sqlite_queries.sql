@@ -4,7 +4,7 @@
 -- A job, with what its latest finished attempt measured.
 SELECT j.id, j.run_id, j.seq, j.name, j.state, j.attempts, j.max_attempts, j.exit_code,
        j.signal, j.reason, j.started_at, j.finished_at, j.not_before, j.worker_id, j.spec,
-       a.peak_rss
+       a.peak_rss, CASE WHEN j.state = 'running' THEN j.stalled_since END
 FROM jobs j LEFT JOIN attempts a ON a.job_id = j.id AND a.number = j.attempts
 
 -- name: lease
@@ -13,7 +13,8 @@ FROM jobs j LEFT JOIN attempts a ON a.job_id = j.id AND a.number = j.attempts
 -- with "run_filter" empty or limiting it to one run.
 UPDATE jobs SET state = 'running', attempts = attempts + 1, worker_id = :worker,
     lease_token = :token || '.' || id, lease_expires = :expires, started_at = :now,
-    exit_code = NULL, signal = NULL, reason = NULL, finished_at = NULL, result = NULL
+    exit_code = NULL, signal = NULL, reason = NULL, finished_at = NULL, result = NULL,
+    stalled_since = NULL
 WHERE id IN ({pick})
 RETURNING id, run_id, seq, attempts, lease_token, spec, payload
 

@@ -1,0 +1,4 @@
+-- jobfleet schema, version 3 (SQLite): stalled jobs.
+-- When the running attempt of a job went quiet (no output, no CPU use) for longer than its
+-- stall_after, as its worker last reported; NULL while it makes progress. A new lease clears it.
+ALTER TABLE jobs ADD COLUMN stalled_since REAL;
