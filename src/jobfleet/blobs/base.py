@@ -70,6 +70,10 @@ class LogWriter(ABC):
     def close(self) -> None:
         """Store what is left; the log is complete."""
 
+    def failure(self) -> str | None:
+        """Why some of the output could not be stored (and was dropped), or None."""
+        return None
+
 
 class Blobs(ABC):
     """Keys mapped to blobs under one root: a local folder or a URL (see `open_blobs`)."""

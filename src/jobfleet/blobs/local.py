@@ -124,9 +124,11 @@ class LocalLogWriter(LogWriter):
 
     An attempt that prints nothing leaves no file (and costs no file creation, which on
     some filesystems is the most expensive step of a short job). Nothing is held back.
+    A folder that is full or read-only does not stop the job: the rest of its output is
+    dropped and `failure` says why.
     """
 
-    __slots__ = ("_blobs", "_fd")
+    __slots__ = ("_blobs", "_fd", "_failure")
 
     due_at = None
 
@@ -134,14 +136,24 @@ class LocalLogWriter(LogWriter):
         self._blobs, self.key = blobs, key
         self._fd = -1
         self.written = False
+        self._failure: str | None = None
 
     def write(self, data: bytes) -> None:
-        if self._fd < 0:
-            self._fd = self._blobs._create(self.key)
-            self.written = True
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
+        if self._failure is not None:
+            return
+        try:
+            if self._fd < 0:
+                self._fd = self._blobs._create(self.key)
+                self.written = True
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as e:
+            self._failure = f"could not store its log in {self._blobs.url}: {e.strerror or e}"
+            self.close()
+
+    def failure(self) -> str | None:
+        return self._failure
 
     def tick(self, now: float) -> None:
         """Nothing is held back."""

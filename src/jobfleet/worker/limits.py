@@ -84,5 +84,8 @@ class Redactor(LogWriter):
         self._inner.close()
         self.written = self._inner.written
 
+    def failure(self) -> str | None:
+        return self._inner.failure()
+
     def redact_text(self, text: str) -> str:
         return self._clean(text.encode()).decode(errors="replace")
