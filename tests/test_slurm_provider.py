@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 
+import jobfleet
 from conftest import Jobfleet, wait_for, write_csv
 from jobfleet.errors import ConfigError
 from jobfleet.fleet import FAILED, LAUNCHING, LIVE, READY, STOPPED, LaunchSpec, Machine
@@ -203,24 +205,36 @@ def test_terminate_drains_running_workers_and_cancels_pending_ones(
 
 def test_a_worker_that_cannot_start_is_failed_with_why_and_its_log(
         slurm: SlurmCluster, jf: Jobfleet, tmp_path: Path) -> None:  # noqa: F811
-    spec_env = {"JOBFLEET_STORE": str(jf.store_path), "JOBFLEET_BLOBS": str(jf.blobs)}
+    env = {"JOBFLEET_STORE": str(jf.store_path), "JOBFLEET_BLOBS": str(jf.blobs)}
+    wrapper = tmp_path / "bare-python"  # our python without its site-packages: no jobfleet
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+    wrapper.chmod(0o755)
     bad_setup = provider(tmp_path, setup="echo fetching the reference data\nfalse\necho never")
     no_python = provider(tmp_path, python="/opt/nowhere/bin/python3")
-    m1, = bad_setup.launch(1, LaunchSpec(fleet=bad_setup.fleet, run_id=None, env=spec_env))
-    m2, = no_python.launch(1, LaunchSpec(fleet=no_python.fleet, run_id=None, env=spec_env))
+    no_jobfleet = provider(tmp_path, python=str(wrapper))
+    launched = [p.launch(1, LaunchSpec(fleet=p.fleet, run_id=None, env=env,
+                                       version=jobfleet.__version__))[0].id
+                for p in (bad_setup, no_python, no_jobfleet)]
 
     def failed(p: Any, mid: str) -> Machine | None:
         return next((m for m in p.list() if m.id == mid and m.phase == FAILED), None)
 
-    one = wait_for(lambda: failed(bad_setup, m1.id), 30, interval=0.2, what="setup to fail")
+    one = wait_for(lambda: failed(bad_setup, launched[0]), 30, interval=0.2,
+                   what="the setup to fail")
     assert "setup failed (exit status 1)" in str(one.reason), one
     assert "fetching the reference data" in one.log_tail
     assert not any("never" in line for line in one.log_tail)
     assert any(c.phase == FAILED for c in bad_setup.changes)
 
-    two = wait_for(lambda: failed(no_python, m2.id), 30, interval=0.2, what="python missing")
+    two = wait_for(lambda: failed(no_python, launched[1]), 30, interval=0.2,
+                   what="python to be missing")
     assert "python not found" in str(two.reason) and "/opt/nowhere/bin/python3" in str(two.reason)
     assert "exited with status 97" in str(two.reason)
+
+    three = wait_for(lambda: failed(no_jobfleet, launched[2]), 30, interval=0.2,
+                     what="jobfleet to be missing")
+    assert f"jobfleet {jobfleet.__version__} is needed" in str(three.reason), three
+    assert "No module named 'jobfleet'" in str(three.reason), three
 
 
 def test_a_refused_submission_is_a_failed_machine_not_an_exception(

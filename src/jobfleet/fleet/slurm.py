@@ -237,14 +237,17 @@ class SlurmProvider(Provider):
 
     def _squeue(self) -> list[Task]:
         fields = ",".join(f"{name}:{width}|" for name, width in _FIELDS)
-        done = self._command(["squeue", "--noheader", "--array", "--states=all",
-                              f"--user={self.user}", f"--name={self.job_name}",
-                              f"--Format={fields}"])
-        if done.returncode != 0:
-            raise JobfleetError(f"squeue failed: {' '.join(done.stderr.split())}",
-                              hint="check that `squeue` works here (slurmctld reachable,"
-                                   " munge running: see docs/providers/slurm.md)")
-        return parse_squeue(done.stdout)
+        command = ["squeue", "--noheader", "--array", "--states=all", f"--user={self.user}",
+                   f"--name={self.job_name}", f"--Format={fields}"]
+        for pause in (1.0, 3.0, None):  # slurmctld may be busy or restarting: try thrice
+            done = self._command(command)
+            if done.returncode == 0:
+                return parse_squeue(done.stdout)
+            if pause is not None:
+                time.sleep(pause)
+        raise JobfleetError(f"squeue failed: {' '.join(done.stderr.split())}",
+                            hint="check that `squeue` works here (slurmctld reachable, munge"
+                                 " running: see docs/providers/slurm.md)")
 
     def _sacct(self) -> list[Task]:
         """Tasks that ended in the last hour, where the cluster keeps accounting."""
@@ -320,7 +323,7 @@ class SlurmProvider(Provider):
         if self.setup:
             lines += [
                 'echo "jobfleet: running the setup"',
-                "trap 'status=$?; echo \"jobfleet: setup failed (exit status $status)"
+                "trap 'status=$?; echo \"jobfleet: error: setup failed (exit status $status)"
                 " on $(hostname): the worker did not start\" >&2' EXIT",
                 "set -e",
                 self.setup,
@@ -329,12 +332,24 @@ class SlurmProvider(Provider):
             ]
         lines += [
             f"if ! command -v {python} >/dev/null 2>&1; then",
-            f'  echo "jobfleet: python not found on $(hostname): {self.python}'
-            ' (set python in [providers.slurm] to an interpreter the nodes see)" >&2',
+            '  echo "jobfleet: error: python not found on $(hostname):"'
+            f' {python} "(set python in [providers.slurm] to an interpreter the nodes see)" >&2',
             "  exit 97",
             "fi",
-            f"exec {python} -m jobfleet worker {args}",
         ]
+        if spec.version:
+            # the workers must run the version that submitted (the store's schema is its)
+            want = shlex.quote(spec.version)
+            lines += [
+                f"have=$({python} -c 'import jobfleet; print(jobfleet.__version__)' 2>&1)",
+                f'if [ "$have" != {want} ]; then',
+                f'  echo "jobfleet: error: jobfleet" {want} "is needed but"'
+                f' {python} "on $(hostname) has: ${{have##*$\'\\n\'}}'
+                ' (install it there, or set python in [providers.slurm])" >&2',
+                "  exit 98",
+                "fi",
+            ]
+        lines.append(f"exec {python} -m jobfleet worker {args}")
         return "\n".join(lines) + "\n"
 
     def _machine(self, t: Task, seen_by: str) -> Machine:
@@ -369,8 +384,8 @@ class SlurmProvider(Provider):
                    f"exited with status {code}" if code is not None else "failed")
         elif t.state == "TIMEOUT":
             why = f"reached its time limit ({slurm_time(self.time_limit)})"
-        own = [line.removeprefix("jobfleet: ") for line in lines
-               if line.startswith("jobfleet: ") and ("failed" in line or "not found" in line)]
+        own = [line.removeprefix("jobfleet: error: ") for line in lines
+               if line.startswith("jobfleet: error: ")]
         if own:
             why = f"{why}: {own[-1]}"
         return f"{why} (Slurm state {t.state}, from {seen_by})"
@@ -383,8 +398,8 @@ class SlurmProvider(Provider):
         found = sorted(machines.values(), key=lambda m: tuple(map(int, m.id.split("_"))))
         for m in found:
             if self._seen.get(m.id) != m.phase:
-                self._seen[m.id] = m.phase
                 self.on_change(m)
+        self._seen = {m.id: m.phase for m in found}
         return found
 
     def terminate(self, ids: Sequence[str]) -> None:
