@@ -32,7 +32,7 @@ def test_the_default_sqlite_and_folder_setup_passes(jf: Jobfleet) -> None:
     assert checks["blob store"]["status"] == "PASS" and checks["sandbox"]["status"] == "PASS"
     for name in ("provider credentials", "reachable hosts", "quotas"):
         assert checks[name]["status"] == "SKIP"
-        assert "no fleet provider configured" in checks[name]["detail"]
+        assert "no fleet provider chosen" in checks[name]["detail"]
     assert not (jf.blobs / "doctor").exists()  # the probe is gone, its folder too
 
     (jf.cwd / "jobs.csv").write_text("command\ntrue\n")
@@ -82,14 +82,14 @@ def test_a_running_postgresql_passes_and_is_not_changed(jf: Jobfleet) -> None:
         checks = doctor(jf, "--store", url)
         assert checks["store reachable"]["status"] == "PASS"
         assert checks["schema"] == {"check": "schema", "status": "WARN",
-                                    "detail": "no jobfleet tables yet (the latest is 1)",
+                                    "detail": "no jobfleet tables yet (the latest is 2)",
                                     "fix": checks["schema"]["fix"]}
         assert checks["clock skew"]["status"] == "PASS"
         assert "the store's clock is" in checks["clock skew"]["detail"]
         jf("runs", "--store", url, check=0)  # opens the store: migrates it
         checks = doctor(jf, "--store", url)
         assert "FAIL" not in statuses(checks).values() and "WARN" not in statuses(checks).values()
-        assert checks["schema"]["detail"] == "version 1 (the latest)"
+        assert checks["schema"]["detail"] == "version 2 (the latest)"
 
 
 def test_s3_blobs_pass_and_a_missing_bucket_fails_with_a_fix(jf: Jobfleet, s3: S3) -> None:
@@ -111,3 +111,19 @@ def test_bad_settings_fail_and_point_at_validate(jf: Jobfleet) -> None:
     assert checks["settings"]["status"] == "FAIL"
     assert checks["settings"]["detail"].startswith("env JOBFLEET_LEASE_SECONDS: lease_seconds")
     assert "jobfleet validate" in checks["settings"]["fix"]
+
+
+def test_a_chosen_provider_is_checked(jf: Jobfleet, tmp_path: Path) -> None:
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    checks = doctor(jf, "--provider", "local", "--fleet", "doc", env=env)
+    assert checks["provider credentials"]["status"] == "PASS"
+    assert "this machine" in checks["provider credentials"]["detail"]
+    assert checks["reachable hosts"]["status"] == "PASS"
+    assert "fleet doc has 0 worker(s)" in checks["reachable hosts"]["detail"]
+    (tmp_path / "jobfleet.toml").write_text('[fleet]\nprovider = "ssh"\n'
+                                            '[providers.ssh]\nhosts = "alice@:x"\n')
+    p = jf("doctor", "--json", env=env, check=1)
+    found = {c["check"]: c for c in json.loads(p.stdout)["checks"]}
+    assert found["provider credentials"]["status"] == "FAIL"
+    assert "hosts" in found["provider credentials"]["detail"]
+    assert found["reachable hosts"]["status"] == "SKIP"

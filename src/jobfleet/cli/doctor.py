@@ -23,6 +23,7 @@ import typer
 from rich.markup import escape
 
 from jobfleet.cli.app import BlobsOpt, JsonOpt, StoreOpt, app, out
+from jobfleet.cli.fleet import FleetFlags, FleetOpt, HostsOpt, ProviderOpt, SshKeyOpt
 from jobfleet.cli.fmt import dumps
 from jobfleet.config import SettingProblem, Settings, load_settings
 from jobfleet.errors import JobfleetError
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 STYLE = {"PASS": "green", "WARN": "yellow", "FAIL": "red", "SKIP": "dim"}
 #: clock differences between this machine and the store worth a warning, and a failure, s
 SKEW_WARN, SKEW_FAIL = 1.0, 5.0
-_NO_PROVIDER = "no fleet provider configured (fleet providers come in a later release)"
+_NO_PROVIDER = "no fleet provider chosen (--provider, or [fleet] provider in jobfleet.toml)"
 
 
 @dataclass(slots=True)
@@ -46,8 +47,16 @@ class Check:
 
 
 @app.command()
-def doctor(store: StoreOpt = None, blobs: BlobsOpt = None, json: JsonOpt = False) -> None:
-    """Check the live setup: store, blob store, sandbox, clocks, workers.
+def doctor(
+    store: StoreOpt = None,
+    blobs: BlobsOpt = None,
+    provider: ProviderOpt = None,
+    fleet: FleetOpt = None,
+    hosts: HostsOpt = None,
+    ssh_key: SshKeyOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Check the live setup: store, blob store, sandbox, clocks, workers, fleet provider.
 
     Exits 1 when any check fails, else 0.
     """
@@ -57,8 +66,7 @@ def doctor(store: StoreOpt = None, blobs: BlobsOpt = None, json: JsonOpt = False
     checks += _store_checks(s)
     checks.append(_guarded("blob store", lambda: _blob_check(s.blobs)))
     checks.append(_guarded("sandbox", _sandbox_check))
-    checks += [Check(name, "SKIP", _NO_PROVIDER)
-               for name in ("provider credentials", "reachable hosts", "quotas")]
+    checks += _provider_checks(FleetFlags(provider, fleet, hosts=hosts, ssh_key=ssh_key))
     failed = any(c.status == "FAIL" for c in checks)
     if json:
         out.print(dumps({"ok": not failed, "checks": [asdict(c) for c in checks]}))
@@ -80,6 +88,49 @@ def _guarded(name: str, check: Callable[[], Check]) -> Check:
         hint = e.hint if isinstance(e, JobfleetError) else None
         message = e.message if isinstance(e, JobfleetError) else f"{type(e).__name__}: {e}"
         return Check(name, "FAIL", message, hint)
+
+
+# --- fleet provider ------------------------------------------------------------------------
+
+
+def _provider_checks(flags: FleetFlags) -> list[Check]:
+    """The provider's settings, then whether what it starts workers on answers (hosts over
+    SSH, Slurm's controller); quotas are not readable from any provider yet."""
+    from jobfleet.cli.fleet import fleet_settings, open_provider
+    from jobfleet.cli.run import fleet_configured
+    from jobfleet.fleet import FAILED
+
+    names = ("provider credentials", "reachable hosts", "quotas")
+    if not (flags.given() or os.environ.get("JOBFLEET_PROVIDER") or fleet_configured()):
+        return [Check(name, "SKIP", _NO_PROVIDER) for name in names]
+    try:
+        fs = fleet_settings(flags)
+        provider = open_provider(fs)
+    except JobfleetError as e:
+        return [Check(names[0], "FAIL", e.message, e.hint)] + [
+            Check(name, "SKIP", "the provider's settings are not valid") for name in names[1:]]
+    described = ", ".join(f"{k} {v}" for k, v in provider.describe().items()
+                          if k != "provider" and v not in (None, "", [], ()))
+    checks = [Check(names[0], "PASS", f"{fs.provider}: {described}")]
+    try:
+        machines = provider.list()
+    except Exception as e:  # noqa: BLE001 - a doctor reports, whatever broke
+        checks.append(Check(names[1], "FAIL", f"{type(e).__name__}: {e}",
+                            f"docs/providers/{fs.provider}.md says how to set it up"))
+    else:
+        down = [m for m in machines if m.phase == FAILED and m.reason
+                and "unreachable" in m.reason]
+        if down:
+            checks.append(Check(names[1], "FAIL", "; ".join(f"{m.host or m.id}: {m.reason}"
+                                                            for m in down),
+                                f"docs/providers/{fs.provider}.md: what to do when a host will"
+                                " not answer"))
+        else:
+            checks.append(Check(names[1], "PASS", f"{fs.provider} answers; fleet {fs.name} has"
+                                f" {len(machines)} worker(s)"))
+    checks.append(Check(names[2], "SKIP", f"{fs.provider} has no quotas jobfleet can read"))
+    provider.close()
+    return checks
 
 
 # --- settings ------------------------------------------------------------------------------
