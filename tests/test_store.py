@@ -311,6 +311,23 @@ def test_a_stalled_job_is_marked_until_it_moves_or_is_leased_again(
     assert store.job(f"{run_id}-1").stalled_since is None
 
 
+def test_usage_adds_up_by_instance_type_and_a_run_can_be_stopped(store: Store) -> None:
+    run_id = submit(store)
+    assert store.usage(run_id) == []
+    store.add_usage(run_id, "m5.large", 30.0, 0.5)
+    store.add_usage(run_id, "m5.large", 90.0, 1.5)
+    store.add_usage(run_id, "local", 10.0, 0.0)
+    assert [(u.instance_type, u.worker_seconds, u.cost) for u in store.usage(run_id)] == [
+        ("local", 10.0, 0.0), ("m5.large", 120.0, 2.0)]
+    assert store.run(run_id).stopped is None
+    store.stop_run(run_id, "budget")
+    assert store.run(run_id).stopped == "budget"
+    assert store.job(f"{run_id}-1").state == "queued"  # its jobs wait for a resume
+    store.stop_run(run_id, None)
+    assert store.run(run_id).stopped is None
+    assert [e.kind for e in store.events(run_id)][-2:] == ["run_stopped", "run_resumed"]
+
+
 def test_a_finish_racing_a_reap_is_recorded_once(make_store: StoreFactory, clock: Clock) -> None:
     """A worker reports just as another process reaps its expired lease: one of them wins, and
     the job has one attempt, whichever it was."""

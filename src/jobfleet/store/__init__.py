@@ -22,6 +22,7 @@ from jobfleet.store.base import (
     Outcome,
     Run,
     Store,
+    Usage,
     WorkerInfo,
     job_id,
     state_filter,
@@ -30,7 +31,7 @@ from jobfleet.store.urls import masked
 
 __all__ = [
     "STALLED", "STATES", "TERMINAL", "UNSTARTED", "Attempt", "Beat", "Capacity", "Demand",
-    "Ended", "Event", "Job", "Lease", "NewRun", "Outcome", "Run", "Store", "WorkerInfo", "job_id",
+    "Ended", "Event", "Job", "Lease", "NewRun", "Outcome", "Run", "Store", "Usage", "WorkerInfo", "job_id",
     "open_store", "state_filter",
 ]
 

@@ -51,6 +51,16 @@ class Run:
     created_at: float
     total: int
     cancelled: bool
+    stopped: str | None = None  # why its fleet stopped working it: budget, timeout
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Worker time a fleet spent on a run, for one instance type, and what it cost."""
+
+    instance_type: str
+    worker_seconds: float
+    cost: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,6 +389,20 @@ class Store(abc.ABC):
             " GROUP BY worker_id", run_id)}
         q, r = by_state.get(QUEUED, (0, 0.0, 0, 0)), by_state.get(RUNNING, (0, 0.0, 0, 0))
         return Demand(q[0], r[0], q[1] + r[1], q[2] + r[2], q[3] + r[3], busy)
+
+    @abc.abstractmethod
+    def add_usage(self, run_id: str, instance_type: str, worker_seconds: float,
+                  cost: float) -> None:
+        """Add worker time (and its cost) a fleet spent on the run."""
+
+    @abc.abstractmethod
+    def usage(self, run_id: str) -> list[Usage]:
+        """What fleets spent on the run, by instance type."""
+
+    @abc.abstractmethod
+    def stop_run(self, run_id: str, reason: str | None) -> None:
+        """Mark the run stopped by a cap (`reason`: budget, timeout), or (None) resumed; its
+        jobs stay as they are, so it can go on later."""
 
     @abc.abstractmethod
     def _rows(self, sql: str, run_id: str | None) -> list[tuple[Any, ...]]:

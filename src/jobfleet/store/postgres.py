@@ -37,6 +37,7 @@ from jobfleet.store.base import (
     Outcome,
     Run,
     Store,
+    Usage,
     WorkerInfo,
 )
 from jobfleet.store.pgconn import CHANNEL, Conn, Connector
@@ -448,8 +449,8 @@ class PostgresStore(Store):
 
     @staticmethod
     def _run(row: Sequence[Any]) -> Run:
-        rid, name, source, workdir, created, total, cancelled = row
-        return Run(rid, name, source, workdir, created, total, bool(cancelled))
+        rid, name, source, workdir, created, total, cancelled, stopped = row
+        return Run(rid, name, source, workdir, created, total, bool(cancelled), stopped)
 
     def runs(self, limit: int = 50) -> list[Run]:
         return [self._run(r) for r in self._all(
@@ -464,6 +465,28 @@ class PostgresStore(Store):
             "SELECT EXISTS (SELECT 1 FROM runs WHERE id = %s), count(*) FROM jobs"
             " WHERE run_id = %s AND state IN ('queued', 'running')", (run_id, run_id))
         return int(n) if exists else None
+
+    def add_usage(self, run_id: str, instance_type: str, worker_seconds: float,
+                  cost: float) -> None:
+        self._tx(lambda c, _: c.execute(_Q["add_usage"],
+                                        (run_id, instance_type, worker_seconds, cost)))
+
+    def usage(self, run_id: str) -> list[Usage]:
+        return [Usage(*r) for r in self._all(
+            "SELECT instance_type, worker_seconds, cost FROM usage WHERE run_id = %s"
+            " ORDER BY instance_type", (run_id,))]
+
+    def stop_run(self, run_id: str, reason: str | None) -> None:
+        now = self.clock()
+
+        def stop(c: Conn, _: bool) -> None:
+            c.execute("UPDATE runs SET stopped = %s WHERE id = %s", (reason, run_id))
+            if reason:
+                self._event(c, now, "run_stopped", run_id, reason=reason)
+            else:
+                self._event(c, now, "run_resumed", run_id)
+
+        self._tx(stop)
 
     def _rows(self, sql: str, run_id: str | None) -> list[tuple[Any, ...]]:
         if run_id is None:

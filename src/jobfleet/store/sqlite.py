@@ -36,6 +36,7 @@ from jobfleet.store.base import (
     Outcome,
     Run,
     Store,
+    Usage,
     WorkerInfo,
 )
 from jobfleet.store.watch import FileWatch, watch_file
@@ -426,8 +427,8 @@ class SQLiteStore(Store):
     # -- the user's side --------------------------------------------------------------------
     @staticmethod
     def _run(row: tuple[Any, ...]) -> Run:
-        rid, name, source, workdir, created, total, cancelled = row
-        return Run(rid, name, source, workdir, created, total, bool(cancelled))
+        rid, name, source, workdir, created, total, cancelled, stopped = row
+        return Run(rid, name, source, workdir, created, total, bool(cancelled), stopped)
 
     def runs(self, limit: int = 50) -> list[Run]:
         return [self._run(r) for r in self._db.execute(
@@ -445,6 +446,25 @@ class SQLiteStore(Store):
             "SELECT count(*) FROM jobs WHERE run_id = ? AND state IN ('queued', 'running')",
             (run_id,)).fetchone()
         return int(n)
+
+    def add_usage(self, run_id: str, instance_type: str, worker_seconds: float,
+                  cost: float) -> None:
+        with self._tx() as c:
+            c.execute(_Q["add_usage"], (run_id, instance_type, worker_seconds, cost))
+
+    def usage(self, run_id: str) -> list[Usage]:
+        return [Usage(*r) for r in self._db.execute(
+            "SELECT instance_type, worker_seconds, cost FROM usage WHERE run_id = ?"
+            " ORDER BY instance_type", (run_id,))]
+
+    def stop_run(self, run_id: str, reason: str | None) -> None:
+        now = self.clock()
+        with self._tx() as c:
+            c.execute("UPDATE runs SET stopped = ? WHERE id = ?", (reason, run_id))
+            if reason:
+                self._event(c, now, "run_stopped", run_id, reason=reason)
+            else:
+                self._event(c, now, "run_resumed", run_id)
 
     def _rows(self, sql: str, run_id: str | None) -> list[tuple[Any, ...]]:
         if run_id is None:

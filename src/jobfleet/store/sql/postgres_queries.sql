@@ -171,4 +171,11 @@ SELECT id, host, pid, slots, cpus, memory, gpus, lease_seconds, run_id, state, s
 FROM workers
 
 -- name: run
-SELECT id, name, source, workdir, created_at, total, cancelled FROM runs
+SELECT id, name, source, workdir, created_at, total, cancelled, stopped FROM runs
+
+-- name: add_usage
+-- Worker time a fleet spent on a run, added to what it spent before.
+INSERT INTO usage (run_id, instance_type, worker_seconds, cost) VALUES (%s, %s, %s, %s)
+ON CONFLICT (run_id, instance_type) DO UPDATE
+SET worker_seconds = usage.worker_seconds + excluded.worker_seconds,
+    cost = usage.cost + excluded.cost

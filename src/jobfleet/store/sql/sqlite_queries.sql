@@ -67,3 +67,10 @@ FROM jobs WHERE state = 'running'
 INSERT INTO attempts (job_id, number, worker_id, token, state, started_at, finished_at,
                       exit_code, signal, reason, peak_rss, log)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+
+-- name: add_usage
+-- Worker time a fleet spent on a run, added to what it spent before.
+INSERT INTO usage (run_id, instance_type, worker_seconds, cost) VALUES (?, ?, ?, ?)
+ON CONFLICT (run_id, instance_type) DO UPDATE
+SET worker_seconds = usage.worker_seconds + excluded.worker_seconds,
+    cost = usage.cost + excluded.cost
