@@ -103,6 +103,8 @@ def json_line(text: str, *, source: str, line: int) -> Any:
                         line=line, hint="each line must be one complete JSON object") from None
     except _Problem as e:
         raise SpecError(e.message, source=source, line=line) from None
+    except RecursionError:
+        raise SpecError("the JSON is nested too deeply", source=source, line=line) from None
 
 
 def load_yaml(text: str, *, source: str) -> Any:

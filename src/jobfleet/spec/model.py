@@ -204,6 +204,23 @@ _FIELD_PARSERS: dict[str, Any] = {
 
 #: (field, raw text) -> parsed value; values are immutable, so sharing them is safe
 _PARSED: dict[Any, Any] = {}
+#: the largest value the stores can hold, for whole-number fields
+_MAX = {"memory": 2**63 - 1, "min_size": 2**63 - 1, "gpus": 2**31 - 1, "max_attempts": 2**31 - 1}
+_TEXT_FIELDS = ("name", "workdir", "instance_type", "image", "sandbox")
+
+
+def _check_text(value: str, *, source: str | None, line: int | None, column: str) -> None:
+    """Refuse text no command line, path or environment can hold as written."""
+    if "\0" in value:
+        raise SpecError("the value holds a NUL character, which a command, path or environment"
+                        " variable cannot hold", source=source, line=line, column=column,
+                        hint="remove it (a NUL byte often means a binary or UTF-16 file)")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise SpecError("the value is not valid Unicode text (it holds a lone surrogate)",
+                        source=source, line=line, column=column,
+                        hint="write the character itself, or a valid \\u escape pair") from None
 
 
 def make_job(
@@ -264,6 +281,18 @@ def make_job(
                             hint=f"give its value in an env.{k} column/key")
     if secret:
         kwargs["secret_env"] = tuple(secret)
+    for key, most in _MAX.items():
+        if kwargs.get(key, 0) > most:
+            raise SpecError(f"{fields[key]!r} is too large (at most {most})", source=source,
+                            line=line, column=key)
+    _check_text(command, source=source, line=line, column="command")
+    for key in _TEXT_FIELDS:
+        if kwargs.get(key):
+            _check_text(kwargs[key], source=source, line=line, column=key)
+    for pattern in kwargs.get("outputs", ()):
+        _check_text(pattern, source=source, line=line, column="outputs")
+    for k, v in clean_env.items():
+        _check_text(v, source=source, line=line, column=ENV_PREFIX + k)
     if kwargs.get("min_size") and not kwargs.get("outputs"):
         raise SpecError("min_size needs outputs to check", source=source, line=line,
                         column="min_size",

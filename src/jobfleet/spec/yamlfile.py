@@ -70,5 +70,7 @@ def load_yaml(text: str, *, source: str) -> Any:
         raise SpecError(f"not valid YAML: {e}", source=source) from None
     except _Problem as e:
         raise SpecError(e.message, source=source, line=e.line) from None
+    except RecursionError:
+        raise SpecError("the YAML is nested too deeply", source=source) from None
     finally:
         loader.dispose()
