@@ -69,6 +69,8 @@ class LocalBlobs(Blobs):
         """Bytes of `key` from `offset`; b"" when it does not exist (yet)."""
         try:
             with open(self.local_path(key), "rb") as f:
+                if offset >= os.fstat(f.fileno()).st_size:
+                    return b""  # (seeking that far may fail: a client asked for any offset)
                 f.seek(offset)
                 return f.read(-1 if limit is None else limit)
         except FileNotFoundError:
