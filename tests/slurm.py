@@ -3,8 +3,9 @@ munge and slurm-wlm, configured in a temporary folder (own munge key and socket,
 state and spool folders), this machine being its one node. A skip where it cannot be set up,
 a failure in CI.
 
-While the fixture lives, SLURM_CONF in this process's environment points at the cluster, so
-the Slurm commands the provider runs (and any process this one starts) talk to it.
+While the fixture lives (one test module), SLURM_CONF in this process's environment points at
+the cluster, so the Slurm commands the provider runs (and any process this one starts) talk to
+it. At the end, whatever still carries that SLURM_CONF (job steps, workers) is killed.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class SlurmCluster:
 
     def squeue(self, *args: str) -> list[str]:
         """Lines of `squeue --noheader -o '%i %T %j' ARGS` (every job, expanded arrays)."""
-        return self.run("squeue", "--noheader", "--array", "-o", "%i %T %j", *args).stdout.split("\n")[:-1]
+        done = self.run("squeue", "--noheader", "--array", "-o", "%i %T %j", *args)
+        return done.stdout.splitlines()
 
     def logs(self) -> str:
         text = []
@@ -135,7 +137,7 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait(10)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     """A running single-node cluster; SLURM_CONF points at it while the fixture lives."""
     missing = [d for d in _DAEMONS if shutil.which(d) is None

@@ -286,7 +286,7 @@ stop_grace = "10s"
 """)
     write_csv(tmp_path / "jobs.csv", ["command", "n"],
               [["sleep 2; echo job {n}", i] for i in range(1, JOBS + 1)])
-    jf.env["JOBFLEET_STORE"] = store.url
+    jf.env.update(JOBFLEET_STORE=store.url, SLURM_CONF=str(slurm.conf))
     proc = jf.popen("run", "jobs.csv", "--provider", "slurm", "--fleet", fleet, "--slots", "1",
                     "--lease-seconds", "2")
 
