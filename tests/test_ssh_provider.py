@@ -7,6 +7,7 @@ PostgreSQL store; a host whose setup fails is left out; settings checked before 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from conftest import pids_with, wait_for
+from conftest import Jobfleet, pids_with, wait_for, write_csv
 from sshd import SshHost, ssh_hosts  # noqa: F401 (a fixture)
 
 # the first bootstrap of a session may build the hosts' virtualenv (pip, maybe a download)
@@ -341,7 +342,47 @@ def test_unreachable_hosts_refused_keys_and_missing_python_are_reasons_not_error
     # no such interpreter on the host: said before anything is installed
     no_python = outcome(make(providers, fleet, [host], bootstrap_attempts=1,
                              python="python3.99"))
-    assert no_python.reason.startswith(f"no python3.99 on {host.entry}"), no_python.reason
+    assert no_python.reason.startswith("no python3.99 on the host"), no_python.reason
+    assert no_python.host == host.entry
+
+
+def test_fleet_up_status_down_by_hand_show_phases_and_the_setup_log(
+        ssh_hosts: list[SshHost], fleet: str, jf: Jobfleet, tmp_path: Path) -> None:  # noqa: F811
+    """`fleet up` returns with its workers bootstrapped (a process that launches and exits
+    still starts them); `fleet status` shows each with its phase, a failed one with its reason
+    and setup log; `fleet down` stops them and finds nothing live afterwards."""
+    from pg import fresh_database, require_server
+
+    (tmp_path / "setup.sh").write_text(SETUP)
+    (tmp_path / "jobfleet.toml").write_text(
+        "[providers.ssh]\n"
+        f"known_hosts = {json.dumps(_known_hosts(ssh_hosts))}\n"
+        'setup = "setup.sh"\n'
+        "bootstrap_attempts = 1\n")
+    flags = ["--provider", "ssh", "--hosts", ",".join(h.entry for h in ssh_hosts),
+             "--ssh-key", str(ssh_hosts[0].key), "--fleet", fleet]
+    with fresh_database(require_server()) as url:
+        jf.env["JOBFLEET_STORE"] = url
+        up = jf("fleet", "up", "2", *flags, timeout=FIRST_BOOTSTRAP, check=0)
+        assert up.stdout.count(": launching") == 2, up.stdout
+        status = jf.json("fleet", "status", *flags)
+        by_host = {m["host"]: m for m in status["machines"]}
+        good, bad = (by_host[h.entry] for h in ssh_hosts)
+        assert good["phase"] == "ready", good
+        assert good["worker"].startswith(f"{fleet}-")
+        assert bad["phase"] == "failed", bad
+        assert bad["reason"].startswith("the setup script setup.sh exited 1"), bad
+        assert "nvidia-smi: command not found" in bad["log_tail"], bad
+        text = jf("fleet", "status", *flags, check=0).stdout
+        assert f"fleet {fleet} (ssh): 1 live, 2 in all" in text, text
+        assert "nvidia-smi: command not found" in text, text
+        assert len(pids_with(f"--id {fleet}-")) == 1
+
+        down = jf("fleet", "down", *flags, check=0)
+        assert "listed again, nothing is left" in down.stdout, down.stdout
+        assert pids_with(f"--id {fleet}-") == []
+        after = {m["host"]: m["phase"] for m in jf.json("fleet", "status", *flags)["machines"]}
+        assert after == {ssh_hosts[0].entry: "stopped", ssh_hosts[1].entry: "failed"}, after
 
 
 @pytest.mark.parametrize(("setting", "value", "words"), [
@@ -387,3 +428,45 @@ def test_settings_as_written_in_jobfleet_toml_are_understood(tmp_path: Path) -> 
                                   f"{__import__('getpass').getuser()}@gpu3:22"]
     assert described["install"] == "never" and described["workers_per_host"] == 3
     assert described["ssh_key"] == "ssh agent / default keys"
+
+
+def test_run_with_the_ssh_provider_runs_300_jobs_and_leaves_nothing(
+        ssh_hosts: list[SshHost], fleet: str, jf: Jobfleet,  # noqa: F811
+        pg_with_password: tuple[str, str], tmp_path: Path) -> None:
+    """`jobfleet run jobs.csv --provider ssh --hosts ... --ssh-key ...`: the workers are
+    bootstrapped on both hosts, serve a PostgreSQL store (its password never on a command
+    line), run the 300 jobs; the fleet is taken down at the end and `fleet status` finds
+    nothing left."""
+    url, password = pg_with_password
+    jf.env["JOBFLEET_STORE"] = url
+    (tmp_path / "jobfleet.toml").write_text(
+        "[providers.ssh]\n"
+        f"known_hosts = {json.dumps(_known_hosts(ssh_hosts))}\n"
+        "workers_per_host = 2\n")
+    write_csv(tmp_path / "jobs.csv", ["command"], [[f"echo job {i}"] for i in range(1, 301)])
+    hosts = ",".join(h.entry for h in ssh_hosts)
+    fleet_flags = ["--provider", "ssh", "--hosts", hosts, "--ssh-key", str(ssh_hosts[0].key),
+                   "--fleet", fleet]
+    watch = CommandLineWatch(password)
+
+    done = jf("run", "jobs.csv", *fleet_flags, "--max-workers", "4", "--slots", "2",
+              timeout=FIRST_BOOTSTRAP, check=0)
+    assert "300 succeeded" in done.stdout, done.stdout
+    assert "listed again, nothing is left" in done.stdout, done.stdout
+
+    run = jf.json("runs")[0]["run"]
+    workers = {j["worker"] for j in jf.jobs(run).values()}
+    assert len(workers) >= 2 and all(w.startswith(f"{fleet}-") for w in workers), workers
+    hosts_used = {line.split("=", 1)[1] for w in workers
+                  for line in (FLEETS / fleet / f"{w}.state").read_text().splitlines()
+                  if line.startswith("host=")}
+    assert hosts_used == {h.entry for h in ssh_hosts}, hosts_used
+    assert pids_with(f"--id {fleet}-") == []
+
+    status = jf.json("fleet", "status", *fleet_flags)
+    assert [m for m in status["machines"] if m["phase"] in ("launching", "bootstrapping",
+                                                            "ready")] == [], status
+    assert status["provider"]["hosts"] == [h.entry for h in ssh_hosts]
+    text = jf("fleet", "status", *fleet_flags, check=0).stdout
+    assert f"fleet {fleet} (ssh): 0 live" in text, text
+    assert watch.stop() == []

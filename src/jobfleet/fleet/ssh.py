@@ -10,6 +10,7 @@ process (`jobfleet fleet status`) lists the same workers in the same phases.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import builtins
 import concurrent.futures
 import contextlib
@@ -19,10 +20,10 @@ import logging
 import re
 import secrets
 import threading
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from jobfleet.errors import ConfigError
 from jobfleet.fleet.base import (
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("jobfleet.fleet.ssh")
 T = TypeVar("T")
+P = ParamSpec("P")
 
 SETTINGS = ("hosts", "ssh_key", "known_hosts", "setup", "python", "workers_per_host",
             "bootstrap_attempts", "connect_timeout", "install")
@@ -52,7 +54,7 @@ TERMINATE_GRACE = 30.0
 #: a failed bootstrap attempt waits this long times its number before the next
 RETRY_PAUSE = 1.0
 _USER = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]*\Z")
-_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?"  # (_: ~/.ssh/config aliases have them)
 _HOSTNAME = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?\Z")
 _IPV6 = re.compile(r"[0-9A-Fa-f:.]+\Z")
 _WORKER_ID = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
@@ -106,24 +108,24 @@ def parse_host(entry: str) -> Host:
     if not at:
         user, rest = getpass.getuser(), text
     if not _USER.match(user):
-        raise ValueError(f"{entry!r}: the user {user!r} is not a user name")
+        raise ValueError(f"the user {user!r} is not a user name")
     port_text = ""
     if rest.startswith("["):
         address, bracket, tail = rest[1:].partition("]")
         if not bracket or not _IPV6.match(address) or (tail and not tail.startswith(":")):
-            raise ValueError(f"{entry!r}: write an IPv6 address as [addr] or [addr]:port")
+            raise ValueError("write an IPv6 address as user@[addr] or user@[addr]:port")
         port_text = tail[1:] if tail else ""
         has_port = bool(tail)
     else:
         address, colon, port_text = rest.partition(":")
         has_port = bool(colon)
     if not address or not (_HOSTNAME.match(address) or rest.startswith("[")):
-        raise ValueError(f"{entry!r}: {address!r} is not a host name or address;"
+        raise ValueError(f"{address!r} is not a host name or address;"
                          " write user@host or user@host:port")
     port = 22
     if has_port:
         if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ValueError(f"{entry!r}: the port {port_text!r} is not a number from 1 to 65535")
+            raise ValueError(f"the port {port_text!r} is not a number from 1 to 65535")
         port = int(port_text)
     return Host(user, address, port)
 
@@ -133,7 +135,13 @@ def _hosts(raw: object) -> tuple[Host, ...]:
     if not isinstance(entries, list | tuple) or not all(isinstance(e, str) for e in entries):
         raise ValueError("write a list of user@host[:port] entries, or one string of them"
                          " separated by commas")
-    hosts = tuple(parse_host(e) for e in entries if e.strip())
+    entries = [e for e in entries if e.strip()]
+    hosts = []
+    for entry in entries:
+        try:
+            hosts.append(parse_host(entry))
+        except ValueError as e:
+            raise ValueError(f"{entry.strip()!r}: {e}" if len(entries) > 1 else str(e)) from None
     if not hosts:
         raise ValueError("no host given")
     seen: set[str] = set()
@@ -141,7 +149,7 @@ def _hosts(raw: object) -> tuple[Host, ...]:
         if h.entry in seen:
             raise ValueError(f"{h.entry} is listed twice (use workers_per_host for more workers)")
         seen.add(h.entry)
-    return hosts
+    return tuple(hosts)
 
 
 def _file(what: str) -> Any:
@@ -244,10 +252,12 @@ class SshProvider(Provider):
         with self._lock:
             if self._loop is None:
                 loop = asyncio.new_event_loop()
+                loop.set_default_executor(_LateExecutor(4, thread_name_prefix="jobfleet-ssh"))
                 self._thread = threading.Thread(target=loop.run_forever, daemon=True,
                                                 name=f"jobfleet-ssh-{self.fleet}")
                 self._thread.start()
                 self._loop = loop
+                atexit.register(self.close)  # launched workers finish their bootstrap
             return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def _remote(self, host: Host) -> Remote:
@@ -332,7 +342,7 @@ class SshProvider(Provider):
             except bootstrap_error as e:
                 reason = e.reason
                 tail = e.tail or await remote.setup_tail(worker_id)
-                log.warning("%s: bootstrap attempt %d failed: %s", machine_id, attempt, reason)
+                log.info("%s: bootstrap attempt %d failed: %s", machine_id, attempt, reason)
             except asyncio.CancelledError:  # terminated, or the provider closed
                 touching.cancel()
                 with contextlib.suppress(bootstrap_error):
@@ -348,6 +358,7 @@ class SshProvider(Provider):
             if attempt < self.bootstrap_attempts:
                 await asyncio.sleep(RETRY_PAUSE * attempt)
         why = f"{reason} (after {self.bootstrap_attempts} attempts; host left out)"
+        log.warning("%s: %s", machine_id, why)
         with self._lock:
             self._given_up.add(host.key)
         with contextlib.suppress(bootstrap_error):
@@ -380,6 +391,8 @@ class SshProvider(Provider):
             if f.state.get("host", host.entry) != host.entry:
                 continue  # another host's worker, in a home folder they share (NFS)
             machine = self._machine(host, f)
+            if machine.phase == STOPPED and f.old:
+                continue  # stopped over an hour ago: history, not the fleet
             with self._lock:
                 known = self._machines.get(machine.id)
                 if known is not None and machine.id in self._tasks:
@@ -428,7 +441,9 @@ class SshProvider(Provider):
         for machine_id in ids:
             key, _, worker_id = machine_id.rpartition("/")
             if key not in hosts or not _WORKER_ID.match(worker_id):
-                log.warning("terminate: %s is not a worker of this fleet's hosts", machine_id)
+                if key:  # (a host's own entry, "unreachable", has nothing to stop)
+                    log.warning("terminate: %s is not a worker on this fleet's hosts",
+                                machine_id)
                 continue
             by_host.setdefault(key, []).append(worker_id)
         bootstraps = [t for i, t in self._tasks.items() if i in ids]
@@ -461,29 +476,54 @@ class SshProvider(Provider):
         }
 
     def close(self) -> None:
+        """Let go of the connections once the bootstraps under way are done (so the workers
+        launched do start, even when this process is about to exit); Ctrl-C while waiting
+        interrupts them. Also run at exit, for a process that launches and leaves."""
         with self._lock:
             loop, thread = self._loop, self._thread
             self._loop = self._thread = None
         if loop is None or thread is None:
             return
+        atexit.unregister(self.close)
 
-        async def shut() -> None:
+        async def shut(cancel: bool) -> None:
             tasks = list(self._tasks.values())
-            for task in tasks:
+            for task in tasks if cancel else ():
                 task.cancel()
-            await asyncio.wait(tasks, timeout=5) if tasks else None
+            if tasks:
+                await asyncio.wait(tasks)
             await asyncio.gather(*(r.close() for r in self._remotes.values()),
                                  return_exceptions=True)
             self._remotes.clear()
 
         try:
-            asyncio.run_coroutine_threadsafe(shut(), loop).result(15)
-        except (concurrent.futures.TimeoutError, RuntimeError):
-            log.warning("ssh provider: connections did not close in time")
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        if not thread.is_alive():
-            loop.close()
+            asyncio.run_coroutine_threadsafe(shut(cancel=False), loop).result()
+        except KeyboardInterrupt:
+            asyncio.run_coroutine_threadsafe(shut(cancel=True), loop).result(30)
+            raise
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(5)
+            if not thread.is_alive():
+                loop.close()
+
+
+class _LateExecutor(concurrent.futures.ThreadPoolExecutor):
+    """The loop's thread pool (asyncssh reads keys and resolves names in it). While the
+    interpreter shuts down, as a process that launched workers waits at exit for their
+    bootstraps, thread pools take nothing new: then it runs what it is given at once."""
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args,
+               **kwargs: P.kwargs) -> concurrent.futures.Future[T]:
+        try:
+            return super().submit(fn, *args, **kwargs)
+        except RuntimeError:
+            future: concurrent.futures.Future[T] = concurrent.futures.Future()
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # noqa: BLE001 (handed to whoever waits on it)
+                future.set_exception(e)
+            return future
 
 
 def _check_key(path: str) -> None:

@@ -56,6 +56,7 @@ class Found:
     worker_id: str
     state: Mapping[str, str]
     stale: bool  # its bootstrap has not touched the state file for 5 minutes
+    old: bool  # nothing of it has changed for an hour
     pid: int | None
     alive: bool
     setup_tail: tuple[str, ...]
@@ -131,7 +132,7 @@ class Remote:
         try:
             done = await conn.run(command, input=stdin, check=False, timeout=timeout)
         except asyncssh.TimeoutError:
-            raise BootstrapError(f"{self.host.entry}: no answer after {timeout:g} s") from None
+            raise BootstrapError(f"no answer from {self.host.key} after {timeout:g} s") from None
         except (OSError, asyncssh.Error) as e:
             raise BootstrapError(f"unreachable: {self.host.key}: connection lost:"
                                  f" {getattr(e, 'reason', e)}") from None
@@ -212,18 +213,18 @@ class Remote:
     def _check_python(self, facts: Mapping[str, str], done: _Done) -> str:
         py = self.access.python
         if done.returncode != 0 or "python" not in facts:
-            raise BootstrapError(f"could not prepare {BASE} on {self.host.entry}:"
+            raise BootstrapError(f"could not prepare ~/{BASE}:"
                                  f" {(done.stderr or done.stdout).strip()[:200]}")
         if facts["python"] == "missing":
-            raise BootstrapError(f"no {py} on {self.host.entry} (install Python"
+            raise BootstrapError(f"no {py} on the host (install Python"
                                  f" {_dotted(MIN_PYTHON)} or newer, or set python in"
                                  " [providers.ssh])")
         try:
             version = tuple(int(p) for p in facts["python"].split("."))
         except ValueError:
-            raise BootstrapError(f"{py} on {self.host.entry} did not say its version") from None
+            raise BootstrapError(f"{py} did not say its version") from None
         if version[:2] < MIN_PYTHON:
-            raise BootstrapError(f"{py} on {self.host.entry} is Python {facts['python']};"
+            raise BootstrapError(f"{py} is Python {facts['python']};"
                                  f" jobfleet needs {_dotted(MIN_PYTHON)} or newer (install it,"
                                  " or point python in [providers.ssh] at one)")
         return facts.get("executable") or py
@@ -239,7 +240,7 @@ class Remote:
             done = await self.run(shlex.join([python, "-", *args]), scripts.INSTALL,
                                   INSTALL_TIMEOUT)
         if done.returncode == 3:
-            raise BootstrapError(f"{python} -m venv failed on {self.host.entry} (on Debian or"
+            raise BootstrapError(f"{python} -m venv failed (on Debian or"
                                  " Ubuntu: apt-get install python3-venv)")
         if done.returncode != 0:
             raise BootstrapError(f"pip could not install jobfleet into ~/{venv} on"
@@ -249,10 +250,10 @@ class Remote:
     def _check_installed(self, facts: Mapping[str, str], python: str, spec: LaunchSpec) -> None:
         version = facts.get("jobfleet", "missing")
         if version == "missing":
-            raise BootstrapError(f"{python} on {self.host.entry} cannot import jobfleet"
+            raise BootstrapError(f"{python} cannot import jobfleet"
                                  " (install = never: install it there, or set install = auto)")
         if spec.version and version != spec.version:
-            raise BootstrapError(f"{self.host.entry} has jobfleet {version}, this fleet needs"
+            raise BootstrapError(f"the host has jobfleet {version}, this fleet needs"
                                  f" {spec.version} (install = never)")
 
     async def _setup(self, worker_id: str, python: str) -> None:
@@ -270,7 +271,7 @@ class Remote:
         status = lines[0].partition("=")[2] if lines and lines[0].startswith("status=") else ""
         if status != "0":
             raise BootstrapError(f"the setup script {Path(self.access.setup).name} exited"
-                                 f" {status or 'abnormally'} on {self.host.entry}", lines[1:])
+                                 f" {status or 'abnormally'}", lines[1:])
 
     async def _start(self, worker_id: str, python: str, spec: LaunchSpec,
                      state: Mapping[str, object]) -> None:
@@ -280,7 +281,7 @@ class Remote:
                              before=before, timeout=STEP_TIMEOUT + READY_WAIT)
         lines = done.stdout.splitlines()
         if not lines or lines[0] not in ("ready", "started"):
-            raise BootstrapError(f"the worker exited as it started on {self.host.entry} (its"
+            raise BootstrapError(f"the worker exited as it started (its"
                                  f" log: ~/{self.file(worker_id, 'log')})", lines[1:])
 
     # -- list and stop ------------------------------------------------------------------------
@@ -349,14 +350,15 @@ def parse_list(text: str) -> list[Found]:
 
     def flush() -> None:
         if current is not None:
-            found.append(Found(current["id"], current["state"], current["stale"], current["pid"],
-                               current["alive"], tuple(current["setup"]), tuple(current["log"])))
+            found.append(Found(current["id"], current["state"], current["stale"], current["old"],
+                               current["pid"], current["alive"], tuple(current["setup"]),
+                               tuple(current["log"])))
 
     for line in text.splitlines():
         if line.startswith("@@worker "):
             flush()
-            current = {"id": line[9:], "state": {}, "stale": False, "pid": None, "alive": False,
-                       "setup": [], "log": []}
+            current = {"id": line[9:], "state": {}, "stale": False, "old": False, "pid": None,
+                       "alive": False, "setup": [], "log": []}
             section = ""
         elif current is None:
             continue
@@ -365,8 +367,8 @@ def parse_list(text: str) -> list[Found]:
         elif line.startswith("="):
             key, _, value = line[1:].partition("=")
             current["state"][key] = value
-        elif line == "@@stale":
-            current["stale"] = True
+        elif line in ("@@stale", "@@old"):
+            current[line[2:]] = True
         elif line.startswith(("@@alive ", "@@dead ")):
             word, _, pid = line[2:].partition(" ")
             current["pid"] = int(pid) if pid.isdigit() else None

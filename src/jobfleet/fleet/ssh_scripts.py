@@ -21,20 +21,31 @@ alive() {
 """
 
 #: args: FLEET_DIR. Per worker: `@@worker W`, its state lines as `=key=value`, `@@stale`
-#: when the state has not changed for 5 minutes, `@@alive PID` / `@@dead PID`, then
-#: `@@setup` and `@@log` each followed by the last 20 lines of that log, as `|line`.
+#: when the state has not changed for 5 minutes, `@@old` when neither it nor the worker's log
+#: has for an hour, `@@alive PID` / `@@dead PID`, then `@@setup` and `@@log` each followed by
+#: the last 20 lines of that log, as `|line`. The files of a worker that is not running and
+#: has not changed for a day are removed.
 LIST = _ALIVE + r"""
 cd "$1" 2>/dev/null || { echo "@@end"; exit 0; }
 for s in *.state; do
   [ -f "$s" ] || continue
   w=${s%.state}
+  live="" pid=""
+  if [ -s "$w.pid" ]; then
+    pid=$(cat "$w.pid")
+    alive "$pid" "$w" && live=1
+  fi
+  if [ -z "$live" ] && [ -n "$(find "$s" -mmin +1440 2>/dev/null)" ] \
+     && [ -z "$(find "$w.log" -mmin -1440 2>/dev/null)" ]; then
+    rm -f "$w.state" "$w.pid" "$w.log" "$w.setup.log" "$w.setup.sh"
+    continue
+  fi
   echo "@@worker $w"
   sed 's/^/=/' "$s"
   [ -n "$(find "$s" -mmin +5 2>/dev/null)" ] && echo "@@stale"
-  if [ -s "$w.pid" ]; then
-    pid=$(cat "$w.pid")
-    if alive "$pid" "$w"; then echo "@@alive $pid"; else echo "@@dead $pid"; fi
-  fi
+  [ -n "$(find "$s" -mmin +60 2>/dev/null)" ] && [ -z "$(find "$w.log" -mmin -60 2>/dev/null)" ] \
+    && echo "@@old"
+  if [ -n "$live" ]; then echo "@@alive $pid"; elif [ -n "$pid" ]; then echo "@@dead $pid"; fi
   echo "@@setup"
   tail -n 20 "$w.setup.log" 2>/dev/null | sed 's/^/|/'
   echo "@@log"
@@ -114,7 +125,7 @@ fi
 info=$("$py" -c 'import sys; print("python=%d.%d.%d" % sys.version_info[:3])
 print("executable=" + sys.executable)' < /dev/null 2>> "$dir/$w.setup.log")
 echo "$info"
-say "$py:" $info
+say "$py is Python $(echo "$info" | sed -n 's/^python=//p') ($(echo "$info" | sed -n 's/^executable=//p'))"
 if [ "$mode" = auto ]; then
   echo "build=$(cat "$venv/jobfleet-build" 2>/dev/null)"
 else
@@ -152,7 +163,7 @@ START = _ALIVE + _SAY + r"""
 dir=$1 w=$2 seconds=$3
 shift 3
 rm -f "$dir/$w.pid"
-say "starting worker $w (its log: $dir/$w.log)"
+say "starting worker $w (its log: ~/$dir/$w.log)"
 if command -v setsid >/dev/null 2>&1; then detach=setsid; else detach=nohup; fi
 $detach sh -c 'echo $$ > "$0.tmp" && mv "$0.tmp" "$0" && exec "$@"' "$dir/$w.pid" \
   "$@" >> "$dir/$w.log" 2>&1 < /dev/null &
@@ -199,6 +210,10 @@ def say(text):
     print(time.strftime("%Y-%m-%d %H:%M:%S"), text, flush=True)
 
 
+def shown(path):
+    return path if os.path.isabs(path) else "~/" + path
+
+
 def install():
     wanted = set(filter(None, extras.split(",")))
     stamp = os.path.join(venv, "jobfleet-build")
@@ -208,18 +223,18 @@ def install():
     except OSError:
         have = []
     if have[:1] == [build] and wanted <= set(have[1:]):
-        say(f"jobfleet (build {build}) is already installed in {venv}")
+        say(f"jobfleet (build {build}) is already installed in {shown(venv)}")
         return 0
     python = os.path.join(venv, "bin", "python")
     if not os.path.exists(python):
-        say(f"creating the virtualenv {venv}")
+        say(f"creating the virtualenv {shown(venv)}")
         made = subprocess.run([sys.executable, "-m", "venv", venv], stdin=subprocess.DEVNULL)
         if made.returncode != 0:
             shutil.rmtree(venv, ignore_errors=True)
             say(f"{sys.executable} -m venv failed (exit status {made.returncode})")
             return 3
     pip = [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
-    say(f"installing jobfleet (build {build}) into {venv}")
+    say(f"installing jobfleet (build {build}) into {shown(venv)}")
     target = wheel + ("[" + ",".join(sorted(wanted)) + "]" if wanted else "")
     for step in (pip + ["--no-deps", "--force-reinstall", wheel], pip + [target]):
         if subprocess.run(step, stdin=subprocess.DEVNULL).returncode != 0:
