@@ -184,7 +184,8 @@ def test_json_outputs_have_the_documented_keys(jf: Jobfleet, tmp_path: Path) -> 
 
     jf("worker", "--idle-exit", "0.5", check=0)
     status = jf.json("status", run)
-    assert set(status) == RUN_KEYS
+    assert set(status) == RUN_KEYS | {"cost", "usage"}
+    assert status["cost"] == 0 and status["usage"] == []
     assert status["state"] == "finished" and status["counts"] == counts(succeeded=2)
     jobs = jf.json("jobs", run)
     assert [j["job"] for j in jobs] == [f"{run}-1", f"{run}-2"]

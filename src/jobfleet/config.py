@@ -21,10 +21,11 @@ from jobfleet.errors import ConfigError
 from jobfleet.spec.model import parse_duration
 
 CONFIG_FILE = "jobfleet.toml"
-#: tables of jobfleet.toml that jobfleet.fleet reads: [fleet] and [providers.NAME]
-FLEET_TABLES = ("fleet", "providers")
+#: tables of jobfleet.toml that jobfleet.fleet reads: [fleet], [providers.NAME], [prices]
+FLEET_TABLES = ("fleet", "providers", "prices")
 #: [fleet] settings that JOBFLEET_NAME variables set too
-FLEET_VARIABLES = ("provider", "fleet", "max_workers", "keep_alive")
+FLEET_VARIABLES = ("provider", "fleet", "max_workers", "keep_alive", "max_total_cost",
+                   "max_hourly_cost")
 ENV_PREFIX = "JOBFLEET_"
 
 

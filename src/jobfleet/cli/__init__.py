@@ -17,6 +17,7 @@ from jobfleet.cli import explain  # noqa: F401
 from jobfleet.cli import results  # noqa: F401
 from jobfleet.cli import control  # noqa: F401
 from jobfleet.cli import fleet  # noqa: F401
+from jobfleet.cli import cost  # noqa: F401
 from jobfleet.cli import dashboard  # noqa: F401
 from jobfleet.cli import sandboxing  # noqa: F401
 from jobfleet.cli import validate  # noqa: F401

@@ -18,8 +18,9 @@ if TYPE_CHECKING:
     from jobfleet.blobs import Blobs
     from jobfleet.config import Settings
     from jobfleet.fleet import LaunchSpec, Machine, Provider
+    from jobfleet.fleet.cost import Budget
     from jobfleet.fleet.settings import FleetSettings
-    from jobfleet.store import Store
+    from jobfleet.store import Store, Usage
 
 fleet_app = typer.Typer(help="Start, watch and stop the workers of a fleet.",
                         no_args_is_help=True)
@@ -96,6 +97,25 @@ def warn_if_unreachable(fs: FleetSettings, db: Store, blobs: Blobs) -> None:
         err.print(f"[yellow]warning:[/] the blob store {blobs.location} is a folder on this"
                   f" machine; workers started by {fs.provider} need it on a shared filesystem,"
                   " or an s3:// blob store.")
+
+
+def budget_for(fs: FleetSettings) -> Budget:
+    """The run's caps with the price of a worker-hour; refused now if they cannot hold."""
+    from jobfleet.fleet.cost import Budget, worker_price
+
+    price = worker_price(fs.provider, fs.provider_settings(), fs.price, fs.prices)
+    budget = Budget(price, fs.max_hourly_cost, fs.max_total_cost, fs.absolute_timeout)
+    budget.check()
+    return budget
+
+
+def cost_text(usage: list[Usage]) -> str:
+    """`$1.23 (m5.large: 12.5 worker-hours)`: what fleets spent on a run."""
+    from jobfleet.fleet.cost import money
+
+    parts = ", ".join(f"{u.instance_type}: {u.worker_seconds / 3600:.2f} worker-hours"
+                      for u in usage)
+    return f"{money(sum(u.cost for u in usage))} ({parts})"
 
 
 def keep_alive_note(fs: FleetSettings) -> str:
@@ -232,17 +252,25 @@ def fleet_autoscale(
     s = settings(store, blobs)
     db, blob_store = connect(s)
     warn_if_unreachable(fs, db, blob_store)
-    run_id = db.run(run).id if run else None
+    budget = budget_for(fs)
+    the_run = db.run(run) if run else None
+    run_id = the_run.id if the_run else None
+    if the_run is not None and the_run.stopped:  # resuming a run a cap stopped
+        out.print(f"run {run_id} was stopped ({the_run.stopped}); going on with it")
+        db.stop_run(the_run.id, None)
     scaler = Autoscaler(db, p, launch_spec(fs, s, db, blob_store, run_id), fs.max_workers,
-                        keep_alive=fs.keep_alive)
+                        keep_alive=fs.keep_alive, budget=budget)
     note = keep_alive_note(fs)
 
     def show(step: Step) -> None:
+        cost = f", {step.spent:.2f} $ so far" if budget.price.per_hour else ""
         out.print(f"{time.strftime('%H:%M:%S')} fleet {fs.name}: {len(step.live)} live,"
-                  f" {step.wanted} wanted" + (f"  {note}" if note else ""))
+                  f" {step.wanted} wanted{cost}" + (f"  {note}" if note else ""))
 
     try:
-        scaler.run(lambda: run_id is not None and db.pending(run_id) == 0, on_step=show)
+        last = scaler.run(lambda: run_id is not None and db.pending(run_id) == 0, on_step=show)
+        if last.stopped:
+            err.print(f"[red]run {run_id} stopped: {last.stopped}[/]")
     except KeyboardInterrupt:
         out.print("stopping the autoscaler")
     if not fs.keep_alive:

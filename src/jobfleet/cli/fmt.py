@@ -56,9 +56,9 @@ def counts_text(counts: dict[str, int]) -> str:
 
 
 def run_state(run: Run, counts: dict[str, int]) -> str:
-    """One word for a run: active, finished or cancelled."""
+    """One word for a run: active, finished or cancelled; or `stopped: budget` (a cap)."""
     if counts["queued"] or counts["running"]:
-        return "active"
+        return f"stopped: {run.stopped}" if run.stopped else "active"
     return "cancelled" if run.cancelled else "finished"
 
 

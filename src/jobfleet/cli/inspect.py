@@ -65,7 +65,11 @@ def status(
     r = db.run(run)
     counts = db.counts(r.id)
     if json:
-        out.print(dumps(run_json(r, counts)))
+        usage = db.usage(r.id)
+        out.print(dumps({**run_json(r, counts), "cost": round(sum(u.cost for u in usage), 6),
+                         "usage": [{"instance_type": u.instance_type,
+                                    "worker_seconds": round(u.worker_seconds, 3),
+                                    "cost": round(u.cost, 6)} for u in usage]}))
         return
     done = r.total - counts["queued"] - counts["running"]
     out.print(f"run [bold]{r.id}[/] ({run_state(r, counts)}), {r.name or r.source or ''}")
@@ -74,6 +78,11 @@ def status(
     for state in STATES:
         note = f"  [yellow]({stalled} stalled)[/]" if state == "running" and stalled else ""
         out.print(f"  [{STATE_STYLE[state]}]{state:<10}[/] {counts[state]}{note}")
+    usage = db.usage(r.id)
+    if usage:
+        from jobfleet.cli.fleet import cost_text
+
+        out.print(f"  cost so far: {cost_text(usage)}")
 
 
 @app.command()

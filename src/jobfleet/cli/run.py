@@ -191,6 +191,8 @@ def run_on_fleet(jobs: list[JobSpec], source: str, name: str | None, s: Settings
     """`run --provider P`: store the run, size a fleet to it until it is done, then take the
     fleet down and check that nothing is left. Returns the exit status."""
     from jobfleet.cli.fleet import (
+        budget_for,
+        cost_text,
         fleet_settings,
         keep_alive_note,
         launch_spec,
@@ -203,12 +205,13 @@ def run_on_fleet(jobs: list[JobSpec], source: str, name: str | None, s: Settings
 
     fs = fleet_settings(flags)
     provider = open_provider(fs)  # its settings are checked before anything is stored
+    budget = budget_for(fs)  # and so are the caps
     db, blob_store = connect(s)
     warn_if_unreachable(fs, db, blob_store)
     db.submit(NewRun(name=name, source=source, workdir=os.getcwd(), id=run_id), jobs)
     total = len(jobs)
     scaler = Autoscaler(db, provider, launch_spec(fs, s, db, blob_store, run_id),
-                        fs.max_workers, keep_alive=fs.keep_alive)
+                        fs.max_workers, keep_alive=fs.keep_alive, budget=budget)
     stopped = False
 
     def interrupted(signum: int, frame: object) -> None:
@@ -220,19 +223,31 @@ def run_on_fleet(jobs: list[JobSpec], source: str, name: str | None, s: Settings
     note = keep_alive_note(fs)
     out.print(f"run [bold]{run_id}[/]: {total} jobs on fleet {fs.name} ({fs.provider}, up to"
               f" {fs.max_workers} workers)  [dim](store {db.url})[/]")
-    failure = None
+    failure = capped = None
     with ProgressView(db.url, run_id, total) as view:
         def show(step: Step) -> None:
             failed = f", {len(step.failed)} failed" if step.failed else ""
-            view.note = f"{len(step.live)} workers{failed}" + (f"; {note}" if note else "")
+            cost = f", ${step.spent:.2f}" if budget.price.per_hour else ""
+            view.note = (f"{len(step.live)} workers{failed}{cost}"
+                         + (f"; {note}" if note else ""))
 
         try:
-            scaler.run(lambda: stopped or db.pending(run_id) == 0, on_step=show)
+            capped = scaler.run(lambda: stopped or db.pending(run_id) == 0, on_step=show).stopped
         except FleetError as e:
             failure = e
     code = summary(db, blob_store, run_id, time.monotonic() - view.started)
     if failure is not None:
         err.print(f"[red]error:[/] {failure.message}\n  → {failure.hint}")
+        code = max(code, 1)
+    usage = db.usage(run_id)
+    if usage:
+        out.print(f"fleet cost: {cost_text(usage)}  [dim]{budget.price.text()}[/]")
+    if capped:
+        cap = (f"max_total_cost ${budget.max_total_cost:g}" if capped == "budget"
+               else f"absolute_timeout {budget.absolute_timeout:g}s")
+        err.print(f"[red]run {run_id} stopped: {capped}[/] ({cap} would have been passed);"
+                  f" its unfinished jobs stay queued. Go on with `jobfleet fleet autoscale"
+                  f" --run {run_id}` once the cap allows it.")
         code = max(code, 1)
     if fs.keep_alive:
         out.print(note)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from jobfleet.errors import JobfleetError
 from jobfleet.fleet.base import FAILED, LAUNCHING, LIVE, READY, LaunchSpec, Machine, Provider
+from jobfleet.fleet.cost import Budget, Price
 from jobfleet.store import Demand, Store
 
 log = logging.getLogger("jobfleet.fleet")
@@ -61,6 +62,8 @@ class Step:
     machines: list[Machine]
     launched: int = 0
     drained: list[str] = field(default_factory=list)
+    spent: float = 0.0  # what the fleet has cost the run so far, US dollars
+    stopped: str | None = None  # a cap stopped the run: budget, timeout
 
     @property
     def live(self) -> list[Machine]:
@@ -76,17 +79,40 @@ class Autoscaler:
 
     def __init__(self, store: Store, provider: Provider, spec: LaunchSpec, max_workers: int,
                  *, keep_alive: bool = False, idle_grace: float = IDLE_GRACE,
+                 budget: Budget | None = None, interval: float = INTERVAL,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.store, self.provider, self.spec = store, provider, spec
         self.max_workers, self.keep_alive, self.clock = max_workers, keep_alive, clock
-        self.idle_grace = idle_grace
+        self.idle_grace, self.interval = idle_grace, interval
+        self.budget = budget or Budget(Price(provider.name, None, "no caps"))
+        allowed = self.budget.workers_allowed()
+        if allowed is not None and allowed < max_workers:
+            log.info("max_hourly_cost allows %d workers at %s", allowed, self.budget.price.text())
+            self.max_workers = allowed
         self._idle_since: dict[str, float] = {}  # worker id -> when we first saw it idle
         self._failed_launches = 0
+        # what the fleet cost the run so far: earlier sessions' usage, then ours
+        run_id = spec.run_id
+        self.spent = sum(u.cost for u in store.usage(run_id)) if run_id else 0.0
+        self._counted_at: float | None = None
+        self._billing = 0  # machines live at the last step (each one bills)
 
     def step(self) -> Step:
+        spent = self._account()
         demand = self.store.demand(self.spec.run_id)
-        step = Step(workers_needed(demand, self.spec, self.max_workers), self.provider.list())
+        step = Step(workers_needed(demand, self.spec, self.max_workers), self.provider.list(),
+                    spent=spent)
         live = step.live
+        self._billing = len(live)
+        step.stopped = self._over_a_cap(len(live), step.wanted)
+        if step.stopped:
+            log.warning("run %s stopped: %s", self.spec.run_id, step.stopped)
+            assert self.spec.run_id is not None
+            self.store.stop_run(self.spec.run_id, step.stopped)
+            if live:
+                self.provider.terminate([m.id for m in live])
+            step.wanted = 0
+            return step
         if len(live) < step.wanted:
             self._launch(step, step.wanted - len(live))
         elif len(live) > step.wanted and not self.keep_alive:
@@ -96,6 +122,33 @@ class Autoscaler:
                          ", ".join(step.drained))
                 self.provider.terminate(step.drained)
         return step
+
+    def _account(self) -> float:
+        """Add the worker time since the last step (machines live then) to the run's usage."""
+        now = self.clock()
+        run_id = self.spec.run_id
+        if self._counted_at is not None and run_id and self._billing:
+            seconds = (now - self._counted_at) * self._billing
+            cost = self.budget.cost(seconds)
+            self.store.add_usage(run_id, self.budget.price.label, seconds, cost)
+            self.spent += cost
+        self._counted_at = now
+        return self.spent
+
+    def _over_a_cap(self, live: int, wanted: int) -> str | None:
+        """The cap the run is about to go over (budget, timeout), if any."""
+        b, run_id = self.budget, self.spec.run_id
+        if run_id is None:
+            return None
+        if b.max_total_cost is not None:
+            # the next interval at the size it is going to be must fit in what is left
+            coming = b.cost(max(live, min(wanted, self.max_workers)) * self.interval)
+            if self.spent + coming > b.max_total_cost:
+                return "budget"
+        if (b.absolute_timeout is not None
+                and time.time() - self.store.run(run_id).created_at >= b.absolute_timeout):
+            return "timeout"
+        return None
 
     def _launch(self, step: Step, n: int) -> None:
         new = self.provider.launch(n, self.spec)
@@ -131,15 +184,17 @@ class Autoscaler:
                 chosen.append(m.id)
         return chosen
 
-    def run(self, done: Callable[[], bool], interval: float = INTERVAL,
+    def run(self, done: Callable[[], bool],
             on_step: Callable[[Step], None] | None = None) -> Step:
-        """Step every `interval` seconds until `done()` (looked at more often). Returns the
-        last step; taking the fleet down is the caller's (see `down`)."""
+        """Step every `interval` seconds until `done()` (looked at more often) or a cap stops
+        the run. Returns the last step; taking the fleet down is the caller's (see `down`)."""
         while True:
             step = self.step()
             if on_step is not None:
                 on_step(step)
-            next_step = self.clock() + interval
+            if step.stopped:
+                return step
+            next_step = self.clock() + self.interval
             while True:
                 if done():
                     return step

@@ -12,6 +12,7 @@ from typing import Any
 
 from jobfleet.config import ENV_PREFIX, config_path
 from jobfleet.errors import ConfigError
+from jobfleet.fleet.cost import check_ceiling
 from jobfleet.spec.model import parse_bool, parse_duration
 
 
@@ -22,17 +23,30 @@ def _count(value: object) -> int:
     return n
 
 
+def _dollars(value: object) -> float:
+    n = float(str(value).strip().lstrip("$"))
+    if not n >= 0:
+        raise ValueError("it must be a number of US dollars, 0 or more")
+    return n
+
+
 _PARSERS: dict[str, Any] = {
     "provider": lambda v: str(v).strip(),
     "name": lambda v: str(v).strip(),
     "max_workers": _count,
+    "workers_ceiling": _count,
     "slots": _count,
     "idle_exit": parse_duration,
     "keep_alive": parse_bool,
+    "price": _dollars,
+    "max_hourly_cost": _dollars,
+    "max_total_cost": _dollars,
+    "absolute_timeout": parse_duration,
 }
 #: the variable for each setting that has one
 _VARIABLES = {"provider": "PROVIDER", "name": "FLEET", "max_workers": "MAX_WORKERS",
-              "keep_alive": "KEEP_ALIVE"}
+              "keep_alive": "KEEP_ALIVE", "max_total_cost": "MAX_TOTAL_COST",
+              "max_hourly_cost": "MAX_HOURLY_COST"}
 
 
 @dataclass(slots=True)
@@ -45,6 +59,13 @@ class FleetSettings:
     slots: int | None = None  # jobs at once per worker; None: the `slots` setting
     idle_exit: float = 60.0  # a worker with nothing to do exits after this long, seconds
     keep_alive: bool = False  # no automatic teardown (debugging)
+    #: max_workers may not go above this unless it is raised on purpose
+    workers_ceiling: int = 500
+    price: float | None = None  # US dollars per worker-hour, over the price table
+    max_hourly_cost: float | None = None  # caps, enforced: see fleet.cost
+    max_total_cost: float | None = None
+    absolute_timeout: float | None = None  # seconds a run may take, from its creation
+    prices: dict[str, float] = field(default_factory=dict)  # [prices]: instance type -> $/h
     providers: dict[str, dict[str, object]] = field(default_factory=dict)  # their tables
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -87,6 +108,13 @@ def load_fleet_settings(flags: Mapping[str, object] | None = None, *,
                 raise ConfigError(f"{path}: providers.{name} is not a table",
                                   hint=f"write its settings under [providers.{name}]")
             s.providers[name] = dict(settings)
+        for itype, raw in _table(table, "prices", path).items():
+            try:
+                s.prices[itype] = _dollars(raw)
+            except ValueError as e:
+                raise ConfigError(f"{path}: [prices] {itype} = {raw!r}: {e}",
+                                  hint="write the price of one instance-hour in US dollars"
+                                  ) from None
     for name, var in _VARIABLES.items():
         if env.get(ENV_PREFIX + var):
             put(name, env[ENV_PREFIX + var], f"env {ENV_PREFIX + var}")
@@ -95,6 +123,7 @@ def load_fleet_settings(flags: Mapping[str, object] | None = None, *,
             put(name, raw, f"flag --{name.replace('_', '-')}")
     chosen = s.providers.setdefault(s.provider, {})
     chosen.update({k: v for k, v in (provider_flags or {}).items() if v is not None})
+    check_ceiling(s.max_workers, s.workers_ceiling)
     return s
 
 
