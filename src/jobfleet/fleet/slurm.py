@@ -21,9 +21,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar, cast
 
 from jobfleet.errors import ConfigError, JobfleetError
 from jobfleet.fleet.base import (
@@ -69,6 +70,7 @@ SACCT_WINDOW = 3600
 #: how long terminate waits for cancelled jobs to leave the queue, seconds
 CANCEL_WAIT = 30.0
 _COMMAND_TIMEOUT = 60.0
+T = TypeVar("T")
 
 
 def _text(value: object) -> str:
@@ -201,17 +203,17 @@ class SlurmProvider(Provider):
             raise ConfigError(f"providers.slurm has no setting {unknown[0]!r}",
                               hint=f"its settings are: {', '.join(SETTINGS)}")
 
-        def get(name: str, kind: object, default: object) -> object:
-            return option(self.name, settings, name, kind, default)  # type: ignore[arg-type]
+        def get(name: str, kind: Callable[[object], T], default: T) -> T:
+            return cast(T, option(self.name, settings, name, kind, default))
 
-        self.partition = get("partition", _word, None)
-        self.account = get("account", _word, None)
-        self.time_limit = float(get("time_limit", _time_limit, 3600.0))  # type: ignore[arg-type]
-        self.sbatch_args: list[str] = get("sbatch_args", _args, [])  # type: ignore[assignment]
-        self.python = str(get("python", _text, sys.executable))
-        self.log_dir = Path(str(get("log_dir", _directory, Path.cwd() / ".jobfleet" / "slurm")))
-        self.setup: str | None = get("setup", _text, None)  # type: ignore[assignment]
-        self.stop_grace = float(get("stop_grace", parse_duration, 40.0))  # type: ignore[arg-type]
+        self.partition: str | None = get("partition", _word, None)
+        self.account: str | None = get("account", _word, None)
+        self.time_limit = get("time_limit", _time_limit, 3600.0)
+        self.sbatch_args: list[str] = get("sbatch_args", _args, [])
+        self.python = get("python", _text, sys.executable)
+        self.log_dir = get("log_dir", _directory, Path.cwd() / ".jobfleet" / "slurm")
+        self.setup: str | None = get("setup", _text, None)
+        self.stop_grace = get("stop_grace", parse_duration, 40.0)
         self.job_name = f"jobfleet-{self.fleet}"
         self.user = str(os.getuid())
         for command in ("sbatch", "squeue", "scancel"):
