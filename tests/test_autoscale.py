@@ -4,6 +4,7 @@ this machine, started, scaled and stopped by the autoscaler, `run --provider` an
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import time
 from pathlib import Path
@@ -16,6 +17,9 @@ from jobfleet.fleet import LIVE, LaunchSpec, provider_named
 from jobfleet.fleet.autoscale import Autoscaler, down, workers_needed
 from jobfleet.spec import JobSpec
 from jobfleet.store import Demand, NewRun
+
+#: fleet names, unique to this test session (a worker's command line holds its fleet's name)
+T1, T2, T3, T4, T5 = (f"t{i}{secrets.token_hex(3)}" for i in range(1, 6))
 
 
 @pytest.fixture
@@ -39,15 +43,15 @@ def test_run_on_local_fleet_scales_to_zero(jf: Jobfleet, cache: Path, tmp_path: 
     jobs = write_csv(tmp_path / "jobs.csv", ["command"],
                      [[f"sleep 0.3; echo job {i}"] for i in range(24)])
     p = jf("run", str(jobs), "--provider", "local", "--max-workers", "3", "--slots", "2",
-           "--fleet", "t1", timeout=120, check=0)
+           "--fleet", T1, timeout=120, check=0)
     assert "24 succeeded" in p.stdout
     assert "listed again, nothing is left" in p.stdout
     run = jf.json("runs")[0]["run"]
     workers = {j["worker"] for j in jf.jobs(run).values()}
     assert len(workers) >= 2, workers  # the work really was spread
-    assert all(w.startswith("t1-") for w in workers)
-    assert not pids_with("t1-"), "a worker of the fleet is still running"
-    status = jf.json("fleet", "status", "--provider", "local", "--fleet", "t1")
+    assert all(w.startswith(T1 + "-") for w in workers)
+    assert not pids_with(T1 + "-"), "a worker of the fleet is still running"
+    status = jf.json("fleet", "status", "--provider", "local", "--fleet", T1)
     assert status["machines"] == []
 
 
@@ -57,8 +61,8 @@ def test_autoscaler_grows_with_the_queue_and_drains_idle_workers(
     try:
         with jf.open_store() as db:
             run_id = db.submit(NewRun(), [JobSpec("sleep 2")] * 6 + [JobSpec("sleep 6")])
-            provider = provider_named("local", "t2")
-            spec = LaunchSpec("t2", run_id, slots=1, idle_exit=30,
+            provider = provider_named("local", T2)
+            spec = LaunchSpec(T2, run_id, slots=1, idle_exit=30,
                               env={"JOBFLEET_STORE": db.location,
                                    "JOBFLEET_BLOBS": str(jf.blobs)})
             scaler = Autoscaler(db, provider, spec, max_workers=3, idle_grace=0.5)
@@ -74,7 +78,7 @@ def test_autoscaler_grows_with_the_queue_and_drains_idle_workers(
             wait_for(lambda: db.pending(run_id) == 0, 30, what="the long job")
             assert scaler.step().wanted == 0
             assert down(provider) == []
-            assert not pids_with("t2-")
+            assert not pids_with(T2 + "-")
             assert db.counts(run_id)["succeeded"] == 7
     finally:
         del os.environ["XDG_CACHE_HOME"]
@@ -82,31 +86,31 @@ def test_autoscaler_grows_with_the_queue_and_drains_idle_workers(
 
 def test_keep_alive_leaves_workers_and_says_so(jf: Jobfleet, cache: Path, tmp_path: Path) -> None:
     jobs = write_csv(tmp_path / "jobs.csv", ["command"], [["true"]] * 4)
-    p = jf("run", str(jobs), "--provider", "local", "--fleet", "t3", "--max-workers", "2",
+    p = jf("run", str(jobs), "--provider", "local", "--fleet", T3, "--max-workers", "2",
            "--keep-alive", check=0, timeout=60)
     assert "keep-alive is on" in p.stdout
-    status = jf("fleet", "status", "--provider", "local", "--fleet", "t3", check=0).stdout
+    status = jf("fleet", "status", "--provider", "local", "--fleet", T3, check=0).stdout
     assert "keep-alive" not in status  # the flag was for that run only
-    assert "ready" in status and pids_with("t3-")
-    gone = jf("fleet", "down", "--provider", "local", "--fleet", "t3", check=0).stdout
+    assert "ready" in status and pids_with(T3 + "-")
+    gone = jf("fleet", "down", "--provider", "local", "--fleet", T3, check=0).stdout
     assert "nothing is left" in gone
-    assert not pids_with("t3-")
+    assert not pids_with(T3 + "-")
 
 
 def test_a_dead_controller_leaves_no_worker_behind(
         jf: Jobfleet, cache: Path, tmp_path: Path) -> None:
     """Workers finish the run without the `run` that started them, then exit when idle."""
-    (tmp_path / "jobfleet.toml").write_text('[fleet]\nname = "t4"\nidle_exit = "2s"\n')
+    (tmp_path / "jobfleet.toml").write_text(f'[fleet]\nname = "{T4}"\nidle_exit = "2s"\n')
     jobs = write_csv(tmp_path / "jobs.csv", ["command"], [["sleep 0.5"]] * 8)
     controller = jf.popen("run", str(jobs), "--provider", "local", "--max-workers", "2",
                           "--slots", "2")
-    wait_for(lambda: pids_with("t4-"), 20, what="workers started")
+    wait_for(lambda: pids_with(T4 + "-"), 20, what="workers started")
     controller.send_signal(signal.SIGKILL)
     controller.wait()
     run = jf.json("runs")[0]["run"]
     wait_for(lambda: jf.json("status", run)["counts"]["succeeded"] == 8, 30,
              what="the run finished by the workers alone")
-    wait_for(lambda: not pids_with("t4-"), 15, what="idle workers exited")
+    wait_for(lambda: not pids_with(T4 + "-"), 15, what="idle workers exited")
 
 
 def test_bad_provider_settings_store_nothing(jf: Jobfleet, cache: Path, tmp_path: Path) -> None:
@@ -124,13 +128,13 @@ def test_bad_provider_settings_store_nothing(jf: Jobfleet, cache: Path, tmp_path
 
 
 def test_fleet_up_status_down(jf: Jobfleet, cache: Path) -> None:
-    p = jf("fleet", "up", "2", "--provider", "local", "--fleet", "t5", check=0)
+    p = jf("fleet", "up", "2", "--provider", "local", "--fleet", T5, check=0)
     assert p.stdout.count(": ready") == 2
     wait_for(lambda: len(jf.json("workers")) == 2, 20, what="workers registered")
-    status = jf("fleet", "status", "--provider", "local", "--fleet", "t5", check=0).stdout
+    status = jf("fleet", "status", "--provider", "local", "--fleet", T5, check=0).stdout
     assert "2 live" in status
     start = time.monotonic()
-    assert "2 workers stopped" in jf("fleet", "down", "--provider", "local", "--fleet", "t5",
+    assert "2 workers stopped" in jf("fleet", "down", "--provider", "local", "--fleet", T5,
                                      check=0).stdout
     assert time.monotonic() - start < 20  # idle workers drain at once
-    assert not pids_with("t5-")
+    assert not pids_with(T5 + "-")

@@ -6,6 +6,7 @@ import os
 import secrets
 import signal
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -62,7 +63,14 @@ NameOpt = Annotated[str | None, typer.Option("--name", help="A name for the run.
 
 def load_jobs(args: list[str] | None, each: str | None) -> tuple[list[JobSpec], str]:
     """The jobs the user asked for, all validated, and a description of where from."""
-    from jobfleet.spec import each_jobs, read_jobs
+    jobs, source = stream_jobs(args, each)
+    return list(jobs), source
+
+
+def stream_jobs(args: list[str] | None, each: str | None) -> tuple[Iterable[JobSpec], str]:
+    """The jobs the user asked for, validated one by one as they are read (a bad one raises
+    SpecError: submit them inside one transaction), and a description of where from."""
+    from jobfleet.spec import each_jobs, iter_jobs
 
     args = args or []
     if each is not None:
@@ -77,11 +85,12 @@ def load_jobs(args: list[str] | None, each: str | None) -> tuple[list[JobSpec], 
     path = Path(args[0])
     if not path.is_file():
         raise SpecError(f"no job file {path}", hint="check the path (relative to this folder)")
-    return read_jobs(path), str(path)
+    return iter_jobs(path), str(path)
 
 
-def check_fits(jobs: list[JobSpec], total: Capacity, source: str) -> None:
-    """Refuse, before storing anything, a job this machine could never run: it would wait forever."""
+def fitting(jobs: Iterable[JobSpec], total: Capacity, source: str) -> Iterator[JobSpec]:
+    """The jobs, refusing one this machine could never run (it would wait forever): submitted
+    in one transaction, nothing is stored then."""
     for seq, job in enumerate(jobs, 1):
         if job.cpus > total.cpus or job.memory > total.memory or job.gpus > total.gpus:
             raise SpecError(
@@ -90,6 +99,7 @@ def check_fits(jobs: list[JobSpec], total: Capacity, source: str) -> None:
                 f" and {total.gpus} gpus", source=source,
                 hint="lower what the job asks for, or `jobfleet submit` the file and start "
                      "`jobfleet worker` on machines big enough")
+        yield job
 
 
 @app.command()
@@ -102,14 +112,15 @@ def submit(
     json: JsonOpt = False,
 ) -> None:
     """Store the jobs as a new run and return; workers pick them up (`jobfleet worker`)."""
-    jobs, source = load_jobs(args, each)
+    jobs, source = stream_jobs(args, each)
     s = settings(store, blobs)
     db = connect_store(s)
     run_id = db.submit(NewRun(name=name, source=source, workdir=os.getcwd()), jobs)
+    total = db.run(run_id).total
     if json:
-        out.print(dumps({"run": run_id, "jobs": len(jobs), "store": db.url}))
+        out.print(dumps({"run": run_id, "jobs": total, "store": db.url}))
     else:
-        out.print(f"run {run_id}: {len(jobs)} jobs queued in {db.url}")
+        out.print(f"run {run_id}: {total} jobs queued in {db.url}")
         out.print(f"  start workers with: jobfleet worker --run {run_id}")
 
 
@@ -142,7 +153,7 @@ def run(
     from jobfleet.cli.watch import ProgressView, summary
     from jobfleet.worker import Worker, capacity
 
-    jobs, source = load_jobs(args, each)
+    jobs, source = stream_jobs(args, each)
     s = settings(store, blobs, slots=slots, lease_seconds=lease_seconds)
     run_id = secrets.token_hex(4)
     flags = FleetFlags(provider, fleet, max_workers, keep_alive, hosts, ssh_key)
@@ -151,11 +162,10 @@ def run(
     options = worker_options(s, run_id=run_id, until_done=True, worker_id=f"w{run_id[:4]}-1",
                              **sandbox_options(sandbox, inherit_env, keep_workspaces,
                                                allow_sandbox, allow_network, gpus))
-    check_fits(jobs, capacity(options), source)
     db, blob_store = connect(s)
-    db.submit(NewRun(name=name, source=source, workdir=os.getcwd(), id=run_id), jobs)
-    total = len(jobs)
-    del jobs
+    db.submit(NewRun(name=name, source=source, workdir=os.getcwd(), id=run_id),
+              fitting(jobs, capacity(options), source))
+    total = db.run(run_id).total
     # the worker runs here, in this process: no second interpreter to start
     worker = Worker(db, blob_store, options)
     stopped = False
@@ -186,7 +196,7 @@ def fleet_configured() -> bool:
     return path.is_file() and "[fleet]" in path.read_text()
 
 
-def run_on_fleet(jobs: list[JobSpec], source: str, name: str | None, s: Settings,
+def run_on_fleet(jobs: Iterable[JobSpec], source: str, name: str | None, s: Settings,
                  run_id: str, flags: FleetFlags) -> int:
     """`run --provider P`: store the run, size a fleet to it until it is done, then take the
     fleet down and check that nothing is left. Returns the exit status."""
@@ -209,7 +219,7 @@ def run_on_fleet(jobs: list[JobSpec], source: str, name: str | None, s: Settings
     db, blob_store = connect(s)
     warn_if_unreachable(fs, db, blob_store)
     db.submit(NewRun(name=name, source=source, workdir=os.getcwd(), id=run_id), jobs)
-    total = len(jobs)
+    total = db.run(run_id).total
     scaler = Autoscaler(db, provider, launch_spec(fs, s, db, blob_store, run_id),
                         fs.max_workers, keep_alive=fs.keep_alive, budget=budget)
     stopped = False

@@ -22,6 +22,8 @@ from jobfleet.fleet.base import READY, STOPPED, LaunchSpec, Machine, OnChange, P
 #: how long terminated workers get to drain before they are killed, seconds
 DRAIN = 30.0
 LOG_TAIL = 20
+#: how long a killed worker may take to be gone, seconds
+_KILLED_GONE_WITHIN = 5.0
 
 
 def default_state_dir() -> Path:
@@ -113,11 +115,14 @@ class LocalProvider(Provider):
         while any(running(pid, wid) for wid, pid in pids.items()) and time.monotonic() < until:
             self.list()  # reaps our own children
             time.sleep(0.05)
-        for wid, pid in pids.items():
-            if running(pid, wid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
-        self.list()
+        killed = {wid: pid for wid, pid in pids.items() if running(pid, wid)}
+        for pid in killed.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        until = time.monotonic() + _KILLED_GONE_WITHIN
+        while any(running(pid, wid) for wid, pid in killed.items()) and time.monotonic() < until:
+            self.list()
+            time.sleep(0.02)
         for wid in ids:
             (self.dir / f"{wid}.pid").unlink(missing_ok=True)
 

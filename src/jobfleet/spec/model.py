@@ -63,13 +63,14 @@ class JobSpec:
         return sorted(values, key=len, reverse=True)
 
     def to_json(self) -> str:
-        """Compact JSON of the fields that differ from their defaults."""
-        d = {}
-        for name, default in _DEFAULTS.items():
-            value = getattr(self, name)
-            if value != default:
-                d[name] = dict(value) if isinstance(value, Mapping) else value
-        return json.dumps(d)
+        """Compact JSON of the fields that differ from their defaults (one per job stored)."""
+        d = {name: value for name, default in _PLAIN_DEFAULTS
+             if (value := getattr(self, name)) != default}
+        if self.env:
+            d["env"] = dict(self.env)
+        if self.params:
+            d["params"] = dict(self.params)
+        return _ENCODE(d)
 
     @classmethod
     def from_json(cls, text: str) -> JobSpec:
@@ -87,6 +88,9 @@ _DEFAULTS: dict[str, Any] = {
     for f in fields(JobSpec)
 }
 _DEFAULTS["command"] = None
+#: the same, but the mappings (env, params), which to_json writes when they are not empty
+_PLAIN_DEFAULTS = tuple((k, v) for k, v in _DEFAULTS.items() if k not in ("env", "params"))
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)\s*\Z", re.IGNORECASE)
 _SIZE_UNITS = {
