@@ -26,6 +26,7 @@ PROVIDERS = {
     "local": "jobfleet.fleet.local:LocalProvider",
     "ssh": "jobfleet.fleet.ssh:SshProvider",
     "slurm": "jobfleet.fleet.slurm:SlurmProvider",
+    "aws": "jobfleet.fleet.aws:AwsProvider",
 }
 
 
