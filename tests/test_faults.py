@@ -8,7 +8,6 @@ elsewhere, a failure in CI); the PostgreSQL server is a throwaway cluster, stopp
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import time
@@ -140,5 +139,3 @@ def _outage(jf: Jobfleet, cluster: Cluster, tmp_path: Path) -> None:
     assert done == list(range(1, n + 1)), "a job ran twice, or not at all"
     assert lines_during < n, "every job was done before the store went away"
     assert "retrying" in err  # it said it was waiting
-    with contextlib.suppress(FileNotFoundError):
-        assert "Traceback" not in (tmp_path / "worker.log").read_text()
