@@ -20,7 +20,8 @@ import pytest
 
 from pg import Cluster, require_server
 
-pytestmark = pytest.mark.chaos
+# bounded by the plans below; the margin is for a machine busy with other work
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
 
 ROOT = Path(__file__).resolve().parents[1]
 

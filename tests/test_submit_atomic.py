@@ -26,6 +26,8 @@ from conftest import Jobfleet, write_csv
 from pg import fresh_database, require_server
 
 JOBS = 100_000
+# several 100,000-job submissions: a margin for a machine busy with other work
+pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
