@@ -394,3 +394,46 @@ def test_boot_reads_the_environment_from_parameters(aws: Aws) -> None:
     assert load_env(path, aws.client("ssm")) == dict(spec(fleet).env)
     p.remove_leftovers()  # type: ignore[attr-defined]
     assert aws.parameters(fleet) == []
+
+
+def test_quota_plan_with_real_numbers() -> None:
+    from jobfleet.fleet.aws_quota import EC2_SPOT, FARGATE, Plan, Quota, QuotaError, plan
+
+    spot = Quota(EC2_SPOT, 64.0, used=48.0)
+    assert plan(4, 4.0, spot, "stop") == Plan(4)  # 48 + 16 = 64: fits exactly
+    waves = plan(6, 4.0, spot, "waves")  # 48 + 24 = 72 > 64: 4 now
+    assert waves.launch == 4
+    assert "with 48 in use that is 72; the ec2 quota L-34B43A08" in str(waves.message)
+    assert "--desired-value 72" in str(waves.message)
+    with pytest.raises(QuotaError) as e:
+        plan(6, 4.0, spot, "stop")
+    assert "6 workers of 4 vCPUs need 24 vCPUs" in e.value.message
+    assert "--quota-code L-34B43A08 --desired-value 72" in str(e.value.hint)
+    assert plan(2, 0.5, Quota(FARGATE, 10.0, used=10.0), "waves").launch == 0
+    unread = plan(3, 2.0, Quota(EC2_SPOT, None, note="AccessDenied"), "stop")
+    assert unread.launch == 3 and "not checked: AccessDenied" in str(unread.message)
+
+
+def test_launch_past_the_quota_runs_in_waves_or_stops(aws: Aws,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """moto (an emulator: no real AWS here) has no EC2 quotas, so the quota's value is given
+    here; what is in use is counted from the emulator's running instances."""
+    from jobfleet.fleet.autoscale import FleetError
+
+    fleet = fleet_name()
+    p = provider_named("aws", fleet, aws.ec2_settings(on_quota="waves"))
+    used = p.backend._in_use(True)  # type: ignore[attr-defined]
+    monkeypatch.setattr(p.ctx, "quota_value", lambda service, code: (used + 2.0, ""))  # type: ignore[attr-defined]
+    first = p.launch(3, spec(fleet))  # c5.large: 2 vCPUs, room for one
+    assert [m.phase for m in first] == ["launching"]
+    assert "launching 1 now" in str(p.last_plan_message)  # type: ignore[attr-defined]
+    [waiting] = p.launch(2, spec(fleet))  # nothing fits until a worker ends
+    assert waiting.phase == "failed" and "launching 0 now" in str(waiting.reason)
+
+    stop = provider_named("aws", fleet, aws.ec2_settings(on_quota="stop"))
+    monkeypatch.setattr(stop.ctx, "quota_value", lambda service, code: (used + 2.0, ""))  # type: ignore[attr-defined]
+    with pytest.raises(FleetError) as e:
+        stop.launch(1, spec(fleet))
+    assert f"--desired-value {int(used) + 4}" in str(e.value.hint)
+    assert len([m for m in p.list() if m.phase in LIVE]) == 1
+    assert down(p, wait=10) == []

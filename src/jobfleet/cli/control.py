@@ -72,6 +72,10 @@ def worker(
     inherit_env: InheritEnvOpt = False,
     keep_workspaces: KeepWorkspacesOpt = False,
     allow_network: NetworkOpt = True,
+    spot_watch: Annotated[bool, typer.Option(
+        "--spot-watch", envvar="JOBFLEET_SPOT_WATCH",
+        help="On an EC2 spot instance: when the instance metadata announces a reclaim, hand "
+             "every job back to the queue at once and exit.")] = False,
     store: StoreOpt = None,
     blobs: BlobsOpt = None,
 ) -> None:
@@ -91,6 +95,16 @@ def worker(
     w = Worker(db, blob_store, opts)
     out.print(f"worker {w.id}: {opts.slots} slots, sandbox {opts.sandbox}, store {db.url}"
               + (f", run {run_id}" if run_id else ""))
-    stats = w.run()
+    watcher = None
+    if spot_watch:
+        from jobfleet.worker.spot import SpotWatcher
+
+        watcher = SpotWatcher(w.interrupt).start()
+    try:
+        stats = w.run()
+    finally:
+        if watcher is not None:
+            watcher.stop()
     done = ", ".join(f"{n} {k}" for k, n in sorted(stats.by_status.items())) or "no jobs"
-    out.print(f"worker {w.id} stopped: {done}")
+    out.print(f"worker {w.id} stopped: {done}"
+              + (f" ({w.interrupted})" if w.interrupted else ""))

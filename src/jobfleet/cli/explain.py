@@ -50,7 +50,19 @@ class Explanation:
 
 
 def explain(db: Store, blobs: Blobs, job: Job, now: float | None = None) -> Explanation:
-    now = time.time() if now is None else now
+    ex = _explain(db, blobs, job, time.time() if now is None else now)
+    if job.attempts > 1 or job.state == "queued":
+        ex.facts += _handed_back(db, job)
+    return ex
+
+
+def _handed_back(db: Store, job: Job) -> list[str]:
+    """Attempts a worker handed back (drained, or interrupted by a spot reclaim), with why."""
+    return [f"attempt {a.number} was handed back: {a.reason} (it did not count against"
+            f" max_attempts)" for a in db.attempts(job.key) if a.state == "released"]
+
+
+def _explain(db: Store, blobs: Blobs, job: Job, now: float) -> Explanation:
     if job.state == "queued":
         return _queued(db, job, now)
     if job.state == "running":

@@ -113,6 +113,7 @@ class Ec2:
     def __init__(self, ctx: Context) -> None:
         self.ctx, self.cfg = ctx, ctx.cfg
         self._vcpus: float | None = None
+        self._vcpus_of: dict[str, float] = {}  # instance type -> its default vCPUs
         self._root_device: str | None = None
         self._subnet_turn = itertools.count()
         self._lock = threading.Lock()
@@ -200,20 +201,24 @@ class Ec2:
         return Quota(code, value, self._in_use(spot))
 
     def _in_use(self, spot: bool) -> float:
-        """vCPUs of this region's pending and running instances the same quota counts."""
-        used = 0.0
+        """vCPUs of this region's pending and running instances the same quota counts (each
+        at its type's default vCPUs, as the quota counts them)."""
+        counts: dict[str, int] = {}
         pages = self.ec2.get_paginator("describe_instances").paginate(
             Filters=[{"Name": "instance-state-name", "Values": ["pending", "running"]}])
         for page in pages:
             for res in page["Reservations"]:
                 for inst in res["Instances"]:
-                    if ec2_quota(inst["InstanceType"], spot) is None:
-                        continue
-                    if (inst.get("InstanceLifecycle") == "spot") != spot:
-                        continue
-                    cpu = inst.get("CpuOptions", {})
-                    used += cpu.get("CoreCount", 1) * cpu.get("ThreadsPerCore", 1)
-        return used
+                    kind = inst["InstanceType"]
+                    if ec2_quota(kind, spot) and (inst.get("InstanceLifecycle") == "spot") == spot:
+                        counts[kind] = counts.get(kind, 0) + 1
+        return sum(n * self._type_vcpus(kind) for kind, n in counts.items())
+
+    def _type_vcpus(self, kind: str) -> float:
+        if kind not in self._vcpus_of:
+            info = self.ec2.describe_instance_types(InstanceTypes=[kind])["InstanceTypes"][0]
+            self._vcpus_of[kind] = float(info["VCpuInfo"]["DefaultVCpus"])
+        return self._vcpus_of[kind]
 
     # -- launch -----------------------------------------------------------------------------
     def launch_one(self, worker_id: str, spec: LaunchSpec, path: str) -> Machine:

@@ -9,6 +9,7 @@ import secrets
 import select
 import signal
 import socket
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -177,7 +178,9 @@ class Worker:
         self.stats = _Stats()
         self.draining = False
         self._drain_deadline = 0.0
+        self.interrupted: str | None = None  # why the worker was interrupted (see interrupt)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_lock = threading.Lock()  # interrupt() may come from another thread
         # encoded once, not per job; the workspace and JOBFLEET_* variables are added per
         # attempt (see sandbox.env)
         self._base_env = base_env(os.environ, inherit=o.inherit_env)
@@ -216,6 +219,17 @@ class Worker:
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"x")
 
+    def interrupt(self, reason: str) -> None:
+        """Stop at once for a reason from outside the worker (a spot reclaim): take no new
+        jobs, hand back those held ahead, release running ones now (TERM, then KILL after
+        kill_grace) so they are queued again at once, their attempts recording `reason`.
+        Safe to call from another thread, also once the loop is over."""
+        with self._wake_lock:
+            if self._wake_w < 0:
+                return
+            self.interrupted = reason
+            self.stop(now=True)
+
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop()
 
@@ -245,8 +259,10 @@ class Worker:
                 self._cgroups.close()
             self._spaces.close()
             self.store.set_worker_state(self.id, "stopped", self.stats.done)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            with self._wake_lock:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_w = -1
         return self.stats
 
     def _loop(self) -> None:
@@ -762,15 +778,14 @@ class Worker:
             return "failed", f"could not store its outputs in {self.blobs.url}: {e}"
         return "succeeded", None
 
-    @staticmethod
-    def _stopped(r: _Running) -> tuple[str, str] | None:
+    def _stopped(self, r: _Running) -> tuple[str, str] | None:
         """(status, reason) of an attempt this worker stopped itself; None if it ended alone."""
         if r.stopping == "timeout":
             return "failed", f"timed out after {r.lease.spec.timeout:g}s"
         if r.stopping == "cancelled":
             return "cancelled", "cancelled by user"
         if r.stopping == "drain":
-            return "released", "worker stopped before the job finished"
+            return "released", self.interrupted or "worker stopped before the job finished"
         if r.stopping == "lost":
             return "failed", "lease lost"
         if r.stopping == "stalled":
