@@ -26,6 +26,8 @@ FLEET_TABLES = ("fleet", "providers", "prices")
 #: [fleet] settings that JOBFLEET_NAME variables set too
 FLEET_VARIABLES = ("provider", "fleet", "max_workers", "keep_alive", "max_total_cost",
                    "max_hourly_cost")
+#: variables of workers and clients that use a `jobfleet server` (see jobfleet.gateway)
+GATEWAY_VARIABLES = ("server", "token_file", "token", "ca_file", "dashboard_token")
 ENV_PREFIX = "JOBFLEET_"
 
 
@@ -201,7 +203,7 @@ def _unknown_variables(env: Mapping[str, str]) -> list[SettingProblem]:
     """Warnings for JOBFLEET_ variables that look like a misspelt setting (other JOBFLEET_
     variables, such as those a job sees, are not settings and are left alone)."""
     known = [ENV_PREFIX + name.upper() for name in _PARSERS] + [ENV_PREFIX + "CONFIG"]
-    known += [ENV_PREFIX + name.upper() for name in FLEET_VARIABLES]
+    known += [ENV_PREFIX + name.upper() for name in FLEET_VARIABLES + GATEWAY_VARIABLES]
     found = []
     for var in sorted(env):
         if var.startswith(ENV_PREFIX) and var not in known:
@@ -213,7 +215,7 @@ def _unknown_variables(env: Mapping[str, str]) -> list[SettingProblem]:
 
 
 #: URL schemes each store can be opened with (a bare path is a SQLite file or a folder)
-STORE_SCHEMES = ("sqlite", "file", "postgresql", "postgres")
+STORE_SCHEMES = ("sqlite", "file", "postgresql", "postgres", "https", "http")
 BLOB_SCHEMES = ("file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory")
 #: `user@host`, `host:5432` or `host:5432/db` written without a scheme
 _SCHEMELESS = re.compile(r"[^/\s]*@[^/\s]+|[A-Za-z0-9.-]+:\d+(/.*)?\Z")

@@ -19,6 +19,7 @@ from jobfleet.cli import control  # noqa: F401
 from jobfleet.cli import fleet  # noqa: F401
 from jobfleet.cli import cost  # noqa: F401
 from jobfleet.cli import dashboard  # noqa: F401
+from jobfleet.cli import gateway  # noqa: F401
 from jobfleet.cli import sandboxing  # noqa: F401
 from jobfleet.cli import validate  # noqa: F401
 from jobfleet.cli import doctor  # noqa: F401

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from jobfleet.cli.app import BlobsOpt, StoreOpt, app, connect, connect_store, out, settings, worker_options
+from jobfleet.cli.app import BlobsOpt, StoreOpt, app, connect_store, out, settings, worker_options
+from jobfleet.cli.gateway import CaFileOpt, ServerOpt, TokenFileOpt, connect_worker
 from jobfleet.cli.sandboxing import (
     AllowSandboxOpt,
     GpusOpt,
@@ -78,15 +79,19 @@ def worker(
              "every job back to the queue at once and exit.")] = False,
     store: StoreOpt = None,
     blobs: BlobsOpt = None,
+    server: ServerOpt = None,
+    token_file: TokenFileOpt = None,
+    ca_file: CaFileOpt = None,
 ) -> None:
-    """Take jobs from the store and run them until stopped (SIGTERM drains, twice releases)."""
+    """Take jobs from the store (or a `jobfleet server`) and run them until stopped (SIGTERM
+    drains, twice releases)."""
     from jobfleet.worker import Worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker: %(message)s")
     s = settings(store, blobs, slots=slots, lease_seconds=lease_seconds)
     sandboxing = sandbox_options(sandbox, inherit_env, keep_workspaces, allow_sandbox,
                                  allow_network, gpus)
-    db, blob_store = connect(s)
+    db, blob_store = connect_worker(s, server, token_file, ca_file)
     run_id = db.run(run).id if run else None
     opts = worker_options(
         s, cpus=cpus, memory=parse_size(memory) if memory else None,

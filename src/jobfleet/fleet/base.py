@@ -27,6 +27,10 @@ LAUNCHING, BOOTSTRAPPING, READY, FAILED, STOPPED = (
 PHASES = (LAUNCHING, BOOTSTRAPPING, READY, FAILED, STOPPED)
 #: phases in which a machine is (or is about to be) a worker
 LIVE = frozenset({LAUNCHING, BOOTSTRAPPING, READY})
+#: variables a worker in gateway mode must not get: it holds a worker token instead
+CREDENTIAL_VARIABLES = frozenset({
+    "JOBFLEET_STORE", "JOBFLEET_BLOBS", "JOBFLEET_DASHBOARD_TOKEN", "PGPASSWORD", "PGPASSFILE",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})
 #: fleet names become parts of host file names and batch job names
 _FLEET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}\Z")
 
@@ -53,6 +57,22 @@ class LaunchSpec:
     #: the worker's environment: JOBFLEET_STORE, JOBFLEET_BLOBS and any credentials they need
     env: Mapping[str, str] = field(default_factory=dict)
     version: str = ""  # the jobfleet version workers must run (installed where absent)
+    #: gateway mode: the `jobfleet server` workers take jobs from and the worker token they
+    #: show it; they then get no store or blob credentials (see `worker_env`)
+    server: str | None = None
+    token: str | None = None
+    ca_file: str | None = None  # the CA (PEM) that workers trust for the server, where they run
+
+    def worker_env(self) -> dict[str, str]:
+        """The environment workers get: `env`; in gateway mode without the store's and blob
+        store's credentials, with the server, token and CA instead."""
+        if not self.server:
+            return dict(self.env)
+        env = {k: v for k, v in self.env.items() if k not in CREDENTIAL_VARIABLES}
+        env.update(JOBFLEET_SERVER=self.server, JOBFLEET_TOKEN=self.token or "")
+        if self.ca_file:
+            env["JOBFLEET_CA_FILE"] = self.ca_file
+        return env
 
     def worker_args(self, worker_id: str) -> list[str]:
         """The arguments after `jobfleet worker` (no secrets: those travel in `env`)."""
@@ -70,8 +90,9 @@ class LaunchSpec:
         return args
 
     def exports(self) -> str:
-        """Shell lines that export `env`, for a script fed to a shell on its standard input."""
-        return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(self.env.items()))
+        """Shell lines that export `worker_env()`, for a script fed to a shell on its standard
+        input."""
+        return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(self.worker_env().items()))
 
 
 @dataclass(frozen=True, slots=True)

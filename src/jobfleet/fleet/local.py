@@ -17,7 +17,16 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from jobfleet.fleet.base import READY, STOPPED, LaunchSpec, Machine, OnChange, Provider, option
+from jobfleet.fleet.base import (
+    CREDENTIAL_VARIABLES,
+    READY,
+    STOPPED,
+    LaunchSpec,
+    Machine,
+    OnChange,
+    Provider,
+    option,
+)
 
 #: how long terminated workers get to drain before they are killed, seconds
 DRAIN = 30.0
@@ -67,7 +76,9 @@ class LocalProvider(Provider):
 
     def launch(self, n: int, spec: LaunchSpec) -> list[Machine]:
         self.dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **spec.env}
+        # in gateway mode the workers hold a worker token, none of this process's credentials
+        env = {k: v for k, v in os.environ.items()
+               if not (spec.server and k in CREDENTIAL_VARIABLES)} | spec.worker_env()
         machines = []
         for _ in range(n):
             wid = f"{self.fleet}-{secrets.token_hex(3)}"

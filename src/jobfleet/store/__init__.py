@@ -38,7 +38,8 @@ __all__ = [
 
 def open_store(url: str | Path) -> Store:
     """Open the store at `url`: a SQLite path (`sqlite:///abs.db`, `sqlite://rel.db`, or a bare
-    path), or a PostgreSQL database (`postgresql://user@host:port/db`, also `postgres://`)."""
+    path), a PostgreSQL database (`postgresql://user@host:port/db`, also `postgres://`), or a
+    `jobfleet server` (`https://host:port`, see jobfleet.gateway)."""
     text = str(url)
     scheme, sep, rest = text.partition("://")
     if not sep:
@@ -51,6 +52,10 @@ def open_store(url: str | Path) -> Store:
         from jobfleet.store.postgres import PostgresStore
 
         return PostgresStore(text)
+    if scheme in ("https", "http"):  # a `jobfleet server`, with the token JOBFLEET_TOKEN_FILE names
+        from jobfleet.gateway import connect
+
+        return connect(text)[0]
     raise ConfigError(
         f"unknown store URL scheme '{scheme}' in {masked(text)}",
         hint="use a SQLite path such as .jobfleet/jobfleet.db or sqlite:///abs/path.db,"

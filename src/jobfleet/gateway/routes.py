@@ -1,0 +1,459 @@
+"""The gateway's routes: /v1/worker (lease, exchange, heartbeat, finish, logs, waiting for work),
+/v1/client (submit, runs, jobs, results, cancel, retry) and /v1/blobs; each checks its token
+(see access.py) before it touches the store."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from jobfleet.blobs import Blobs, LocalBlobs
+from jobfleet.errors import NotFound
+from jobfleet.gateway import wire
+from jobfleet.gateway.access import BadRequest, Gate, Refused, bearer
+from jobfleet.gateway.tokens import ADMIN, WORKER, Principal
+from jobfleet.spec.model import JobSpec
+from jobfleet.store import UNSTARTED, Lease, Outcome, Store, state_filter
+
+Json = Annotated[dict[str, Any], Body()]
+worker = APIRouter(prefix="/v1/worker", tags=["worker"])
+client = APIRouter(prefix="/v1/client", tags=["client"])
+blobs = APIRouter(prefix="/v1/blobs", tags=["blobs"])
+#: the longest lease a worker may ask for, seconds
+_LONGEST_LEASE = 7 * 24 * 3600.0
+
+
+def _ok(value: Any) -> Response:
+    return Response(json.dumps(value, separators=(",", ":")), media_type="application/json")
+
+
+def _who(request: Request) -> tuple[Gate, Principal]:
+    gate: Gate = request.app.state.gate
+    return gate, gate.principal(bearer(request))
+
+
+def _retrying(request: Request) -> bool:
+    return bool(request.headers.get(wire.RETRY_HEADER))
+
+
+# -- the worker's side ------------------------------------------------------------------------
+def _as_worker(request: Request, body: dict[str, Any]) -> tuple[Gate, Principal, str, list[Any]]:
+    """The gate, who asks, for which worker id, and the log chunks it sent (stored first)."""
+    gate, p = _who(request)
+    worker_id = str(body["worker"])
+    gate.worker(p, worker_id)
+    return gate, p, worker_id, _store_logs(gate, p, body.get("logs") or [])
+
+
+def _store_logs(gate: Gate, p: Principal, chunks: list[dict[str, Any]]) -> list[Any]:
+    """Write each log chunk where it goes (its offset: a chunk sent twice is stored once);
+    returns those refused, with why."""
+    refused = []
+    for chunk in chunks:
+        key = str(chunk["key"])
+        try:
+            if not key.startswith("logs/"):
+                raise Refused(f"{key} is not a log")
+            gate.blob(p, key, write=True)
+        except Refused as e:
+            refused.append({"key": key, "why": e.message})
+            continue
+        write_chunk(gate.blobs, key, int(chunk["offset"]), int(chunk["number"]),
+                    wire.unb64(chunk["data"]) or b"")
+    return refused
+
+
+def write_chunk(store: object, key: str, offset: int, number: int, data: bytes) -> None:
+    """Store one chunk of a log: at its offset in a local file, or as chunk `number` of a log
+    in an object store (see blobs.remote)."""
+    if isinstance(store, LocalBlobs):
+        path = store.local_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+        finally:
+            os.close(fd)
+        return
+    from jobfleet.blobs.remote import FsspecBlobs
+
+    if not isinstance(store, FsspecBlobs):
+        raise BadRequest(f"the blob store {getattr(store, 'url', store)} cannot take logs in"
+                         " pieces")
+    store.put_chunk(key, number, data)
+
+
+def _answer(refused: list[Any], **fields: Any) -> Response:
+    return _ok({**fields, "logs_refused": refused} if refused else fields)
+
+
+def _lease_args(gate: Gate, p: Principal, body: dict[str, Any]) -> dict[str, Any]:
+    seconds = float(body["lease_seconds"])
+    if not 0 < seconds <= _LONGEST_LEASE:
+        raise BadRequest(f"lease_seconds {seconds:g} is out of range",
+                         f"ask for more than 0 and at most {_LONGEST_LEASE:g} seconds")
+    free = wire.capacity_of(body["free"])
+    assert free is not None
+    return {"free": free, "lease_seconds": seconds, "run_id": gate.worker_run(p, body.get("run")),
+            "ahead": wire.capacity_of(body.get("ahead"))}
+
+
+def _lost_leases(gate: Gate, worker_id: str, held: list[Any]) -> list[Lease]:
+    """After a lost answer: the leases the worker holds in the store but does not know of."""
+    known = {(int(k), str(t)) for k, t in held}
+    return [x for x in gate.db.held(worker_id) if (x.key, x.token) not in known]
+
+
+def _theirs(gate: Gate, p: Principal, worker_id: str, keys: list[int]) -> set[int]:
+    """Which of `keys` a worker token reports on without running them (an admin may)."""
+    if p.role == ADMIN or not keys:
+        return set()
+    return set(keys) - gate.db.running_on(worker_id)
+
+
+def _finish(gate: Gate, p: Principal, worker_id: str, outcomes: list[Outcome],
+            retrying: bool) -> list[int]:
+    """Record outcomes of the worker's own jobs (the others are stale, like a stale token);
+    after a lost answer, one the first try recorded is not called stale."""
+    store = gate.store()
+    theirs = _theirs(gate, p, worker_id, [o.key for o in outcomes])
+    mine = [o for o in outcomes if o.key not in theirs]
+    stale = set(store.finish(worker_id, mine) if mine else []) | theirs
+    if retrying and stale:
+        by_key = {o.key: o for o in outcomes}
+        stale = {k for k in stale if by_key[k].status == UNSTARTED or not any(
+            a.worker_id == worker_id and a.state == by_key[k].status
+            for a in store.attempts(k))}
+    return [o.key for o in outcomes if o.key in stale]
+
+
+@worker.post("/register", summary="A worker starts: its id is bound to this token")
+def register(request: Request, body: Json) -> Response:
+    gate, p = _who(request)
+    info = wire.worker_of(body["worker"])
+    gate.worker(p, info.id, register=True)
+    refused = _store_logs(gate, p, body.get("logs") or [])
+    run_id = gate.worker_run(p, info.run_id)
+    if run_id != info.run_id:
+        info = wire.worker_of({**wire.record_json(info), "run_id": run_id})
+    gate.store().register_worker(info)
+    return _answer(refused)
+
+
+@worker.post("/state", summary="A worker's state: draining, stopped")
+def worker_state(request: Request, body: Json) -> Response:
+    gate, _, worker_id, refused = _as_worker(request, body)
+    gate.store().set_worker_state(worker_id, str(body["state"]), body.get("jobs_done"))
+    return _answer(refused)
+
+
+@worker.post("/lease", summary="Lease jobs that fit")
+def lease(request: Request, body: Json) -> Response:
+    gate, p, worker_id, refused = _as_worker(request, body)
+    args = _lease_args(gate, p, body)
+    leases = _lost_leases(gate, worker_id, body.get("held") or []) if _retrying(request) else []
+    leases = leases or gate.store().lease(worker_id, **args)
+    return _answer(refused, leases=[wire.lease_json(x) for x in leases])
+
+
+@worker.post("/exchange", summary="Report outcomes and lease more, in one transaction")
+def exchange(request: Request, body: Json) -> Response:
+    gate, p, worker_id, refused = _as_worker(request, body)
+    outcomes = [wire.outcome_of(o) for o in body["outcomes"]]
+    args = _lease_args(gate, p, body)
+    store = gate.store()
+    theirs = _theirs(gate, p, worker_id, [o.key for o in outcomes])
+    if _retrying(request) or theirs:
+        stale = _finish(gate, p, worker_id, outcomes, _retrying(request))
+        leases = _lost_leases(gate, worker_id, body.get("held") or []) \
+            if _retrying(request) else []
+        leases = leases or store.lease(worker_id, **args)
+    else:
+        stale, leases = store.exchange(worker_id, outcomes, args["free"], args["lease_seconds"],
+                                       args["run_id"], args["ahead"])
+    return _answer(refused, stale=stale, leases=[wire.lease_json(x) for x in leases])
+
+
+@worker.post("/finish", summary="Report outcomes (fenced by their lease tokens)")
+def finish(request: Request, body: Json) -> Response:
+    gate, p, worker_id, refused = _as_worker(request, body)
+    outcomes = [wire.outcome_of(o) for o in body["outcomes"]]
+    stale = _finish(gate, p, worker_id, outcomes, _retrying(request)) if outcomes else []
+    return _answer(refused, stale=stale)
+
+
+@worker.post("/heartbeat", summary="Extend leases; hear of lost ones and cancels")
+def heartbeat(request: Request, body: Json) -> Response:
+    gate, p, worker_id, refused = _as_worker(request, body)
+    held = [(int(k), str(t)) for k, t in body["leases"]]
+    theirs = _theirs(gate, p, worker_id, [k for k, _ in held])
+    beat = gate.store().heartbeat(worker_id, [x for x in held if x[0] not in theirs],
+                                  float(body["lease_seconds"]), body.get("jobs_done"))
+    return _answer(refused, lost=sorted(beat.lost | theirs), cancel=sorted(beat.cancel))
+
+
+@worker.post("/stalled", summary="A running job made no progress (or moves again)")
+def stalled(request: Request, body: Json) -> Response:
+    gate, p, worker_id, refused = _as_worker(request, body)
+    quiet, key = body.get("quiet_for"), int(body["key"])
+    held = not _theirs(gate, p, worker_id, [key]) and gate.store().mark_stalled(
+        worker_id, key, str(body["token"]), None if quiet is None else float(quiet))
+    return _answer(refused, held=held)
+
+
+@worker.get("/cancels", summary="Running jobs of this worker that a user cancelled")
+def cancels(request: Request, worker: str) -> Response:
+    gate, p = _who(request)
+    gate.worker(p, worker)
+    return _ok({"cancel": sorted(gate.store().cancel_requests(worker))})
+
+
+@worker.post("/next_due", summary="When the next queued job that fits becomes ready")
+def next_due(request: Request, body: Json) -> Response:
+    gate, p = _who(request)
+    gate.worker_role(p)
+    total = wire.capacity_of(body["total"])
+    assert total is not None
+    return _ok({"due": gate.store().next_due(total, gate.worker_run(p, body.get("run")))})
+
+
+@worker.post("/logs", summary="Chunks of running jobs' logs")
+def logs(request: Request, body: Json) -> Response:
+    gate, p = _who(request)
+    gate.worker_role(p)
+    return _answer(_store_logs(gate, p, body.get("logs") or []))
+
+
+@worker.get("/wait", summary="Wait (up to `timeout` s) for news of work past `since`")
+async def wait(request: Request, since: int, timeout: float = 0.0) -> Response:
+    gate: Gate = request.app.state.gate
+    p = await run_in_threadpool(gate.principal, bearer(request))
+    gate.worker_role(p)
+    from jobfleet.gateway.server import WorkAnnouncer
+
+    announcer = gate.announcer
+    assert isinstance(announcer, WorkAnnouncer)
+    return _ok({"generation": await announcer.wait(since, min(max(timeout, 0.0), 60.0))})
+
+
+# -- the client's side ------------------------------------------------------------------------
+def _specs(body: dict[str, Any]) -> tuple[list[JobSpec], list[bytes] | None]:
+    specs = [JobSpec.from_json(s) for s in body["jobs"]]
+    pays = body.get("payloads")
+    return specs, None if pays is None else [wire.unb64(x) or b"" for x in pays]
+
+
+@client.post("/runs", summary="Submit a run (all its jobs, or none)")
+def submit(request: Request, body: Json) -> Response:
+    gate, p = _who(request)
+    gate.may_submit(p)
+    run = wire.new_run_of(body["run"])
+    specs, payloads = _specs(body)
+    store = gate.store()
+    if _retrying(request) and run.id and gate.db.run_exists(run.id) \
+            and gate.db.run_owner(run.id) in (None, p.token_id) \
+            and store.run(run.id).total == len(specs):
+        gate.db.own_run(run.id, p.token_id)  # the first try's answer was lost
+        return _ok({"run": run.id})
+    if run.id and gate.db.run_exists(run.id):
+        raise Refused(f"a run {run.id} exists already", "let the server choose the id", 409)
+    run_id = store.submit(run, specs, payloads)
+    gate.db.own_run(run_id, p.token_id)
+    return _ok({"run": run_id})
+
+
+@client.post("/runs/{run_id}/jobs", summary="Add jobs to a run")
+def append(request: Request, run_id: str, body: Json) -> Response:
+    gate, p = _who(request)
+    if p.role == WORKER:
+        gate.may_submit(p)  # refused as a submission, whichever run it names
+    gate.run(p, run_id)
+    specs, payloads = _specs(body)
+    store = gate.store()
+    if _retrying(request) and specs:  # did the first try append them?
+        tail = store.jobs(run_id)[-len(specs):]
+        if [j.spec_json for j in tail] == [s.to_json() for s in specs]:
+            return _ok({"first": tail[0].seq})
+    return _ok({"first": store.append(run_id, specs, payloads)})
+
+
+@client.get("/runs", summary="Runs this token may read, newest first (or by id prefix)")
+def runs(request: Request, limit: int = 50, prefix: str | None = None) -> Response:
+    gate, p = _who(request)
+    store = gate.store()
+    limit = max(1, min(limit, 1000))
+    if p.role == ADMIN:
+        found = store._runs_by_prefix(prefix) if prefix else store.runs(limit)
+    elif p.run_id is not None:
+        found = [r for r in store._runs_by_prefix(p.run_id) if r.id == p.run_id
+                 and r.id.startswith(prefix or "")]
+    elif p.role == WORKER:
+        if not prefix:
+            raise Refused("a worker token cannot list runs",
+                          "it may look up one run by its id (as `worker --run RUN` does)")
+        found = store._runs_by_prefix(prefix)
+    else:
+        ids = gate.db.owned_runs(p.token_id, 1000 if prefix else limit, prefix or "")
+        found = [store.run(i) for i in (sorted(ids)[:2] if prefix else ids)]
+    return _ok({"runs": [wire.record_json(r) for r in found]})
+
+
+@client.get("/runs/{run_id}/pending", summary="Jobs still queued or running")
+def pending(request: Request, run_id: str) -> Response:
+    gate, p = _who(request)
+    gate.run(p, run_id, lookup=True)
+    return _ok({"pending": gate.store().pending(run_id)})
+
+
+def _reader(request: Request, run_id: str) -> Store:
+    gate, p = _who(request)
+    gate.run(p, run_id)
+    return gate.store()
+
+
+@client.get("/runs/{run_id}/counts", summary="Jobs per state")
+def counts(request: Request, run_id: str) -> Response:
+    return _ok({"counts": _reader(request, run_id).counts(run_id)})
+
+
+@client.get("/runs/{run_id}/jobs", summary="A run's jobs")
+def jobs(request: Request, run_id: str, state: str | None = None,
+         limit: int | None = None) -> Response:
+    found = _reader(request, run_id).jobs(run_id, state_filter(state), limit)
+    return _ok({"jobs": [wire.record_json(j) for j in found]})
+
+
+@client.get("/runs/{run_id}/jobs/{seq}", summary="One job")
+def job(request: Request, run_id: str, seq: int) -> Response:
+    store = _reader(request, run_id)
+    try:
+        found: Any = wire.record_json(store.job(f"{run_id}-{seq}"))
+    except NotFound:
+        found = None
+    return _ok({"job": found})
+
+
+@client.get("/runs/{run_id}/ended", summary="Jobs that ended since a moment, with results")
+def ended(request: Request, run_id: str, since: float = 0.0, results: bool = True) -> Response:
+    found = _reader(request, run_id).ended(run_id, since, results)
+    return _ok({"ended": [wire.ended_json(e) for e in found]})
+
+
+@client.get("/runs/{run_id}/usage", summary="What fleets spent on the run")
+def usage(request: Request, run_id: str) -> Response:
+    found = _reader(request, run_id).usage(run_id)
+    return _ok({"usage": [wire.record_json(u) for u in found]})
+
+
+@client.post("/runs/{run_id}/clear_results", summary="Forget a run's calls and results")
+def clear_results(request: Request, run_id: str) -> Response:
+    return _ok({"cleared": _reader(request, run_id).clear_results(run_id)})
+
+
+def _job_key(body: dict[str, Any] | None) -> int | None:
+    key = (body or {}).get("job")
+    return None if key is None else int(key)
+
+
+@client.post("/runs/{run_id}/retry", summary="Queue failed jobs again")
+def retry(request: Request, run_id: str, body: Json) -> Response:
+    return _ok({"queued": _reader(request, run_id).retry(run_id, _job_key(body))})
+
+
+@client.post("/runs/{run_id}/cancel", summary="Cancel queued jobs, stop running ones")
+def cancel(request: Request, run_id: str, body: Json) -> Response:
+    done, asked = _reader(request, run_id).cancel(run_id, _job_key(body))
+    return _ok({"cancelled": done, "asked": asked})
+
+
+def _job_run(gate: Gate, p: Principal, key: int) -> None:
+    run_id = gate.db.run_of_job(key)
+    if run_id is None:
+        raise NotFound(f"there is no job with key {key}")
+    gate.run(p, run_id)
+
+
+@client.get("/jobs/{key}/attempts", summary="A job's finished attempts")
+def attempts(request: Request, key: int) -> Response:
+    gate, p = _who(request)
+    _job_run(gate, p, key)
+    return _ok({"attempts": [wire.record_json(a) for a in gate.store().attempts(key)]})
+
+
+@client.get("/events", summary="The events of a run or a job (all of them: admin only)")
+def events(request: Request, run: str | None = None, job: int | None = None) -> Response:
+    gate, p = _who(request)
+    if job is not None:
+        _job_run(gate, p, job)
+    elif run is not None:
+        gate.run(p, run)
+    elif p.role != ADMIN:
+        raise Refused("only an admin token reads every run's events",
+                      "ask for the events of one run (events?run=RUN)")
+    return _ok({"events": [wire.record_json(e) for e in gate.store().events(run, job)]})
+
+
+@client.get("/workers", summary="Every worker (admin only)")
+def workers(request: Request) -> Response:
+    gate, p = _who(request)
+    if p.role != ADMIN:
+        raise Refused(f"a {p.role} token cannot list the workers", "use an admin token")
+    return _ok({"workers": [wire.record_json(w) for w in gate.store().workers()]})
+
+
+# -- blobs ------------------------------------------------------------------------------------
+def _blobs(gate: Gate) -> Blobs:
+    assert isinstance(gate.blobs, Blobs)
+    return gate.blobs
+
+
+@blobs.get("", summary="Blobs under a prefix: [key, size] pairs")
+def find(request: Request, prefix: str) -> Response:
+    gate, p = _who(request)
+    gate.prefix(p, prefix.strip("/"), write=False)
+    return _ok({"blobs": _blobs(gate).find(prefix.strip("/"))})
+
+
+@blobs.delete("", summary="Delete the blobs under a prefix")
+def delete(request: Request, prefix: str) -> Response:
+    gate, p = _who(request)
+    gate.prefix(p, prefix.strip("/"), write=True)
+    return _ok({"deleted": _blobs(gate).delete_prefix(prefix.strip("/"))})
+
+
+@blobs.get("/{key:path}", summary="A blob's bytes (from offset, at most limit), or its size")
+def read(request: Request, key: str, offset: int = 0, limit: int | None = None,
+         stat: bool = False) -> Response:
+    gate, p = _who(request)
+    gate.blob(p, key, write=False)
+    store = _blobs(gate)
+    size = store.size(key)
+    if stat:
+        return _ok({"size": size})
+    if size is None:
+        raise NotFound(f"{key} is not in the blob store")
+    return Response(store.read(key, offset, limit), media_type="application/octet-stream")
+
+
+@blobs.put("/{key:path}", summary="Store a blob (whole: readers see the old one or this one)")
+async def write(request: Request, key: str) -> Response:
+    gate: Gate = request.app.state.gate
+    p = await run_in_threadpool(gate.principal, bearer(request))
+    await run_in_threadpool(gate.blob, p, key, write=True)
+    fd, path = tempfile.mkstemp(prefix="jobfleet-upload-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            async for piece in request.stream():
+                f.write(piece)
+        size = await run_in_threadpool(_blobs(gate).put_file, key, path)
+    finally:
+        os.unlink(path)
+    return _ok({"size": size})

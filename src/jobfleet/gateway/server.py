@@ -1,0 +1,172 @@
+"""`jobfleet server`: the dashboard grown into the control plane. Workers and clients speak to
+it (under /v1) with a token; only the server holds the store's and blob store's credentials.
+
+`create_server` builds the app: the gateway's routes, and the dashboard (pages, /api,
+/metrics) mounted beside them. One thread hears of new work for every waiting worker (see
+`WorkAnnouncer`), so an idle fleet costs the store one listener, not one per worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from jobfleet.blobs import open_blobs
+from jobfleet.dashboard.access import StorePerThread, Token
+from jobfleet.errors import ConfigError, JobfleetError, NotFound, SpecError
+from jobfleet.gateway.access import BadRequest, Gate, Refused
+from jobfleet.gateway.db import gateway_db
+from jobfleet.store import Store, open_store
+
+#: a store failing with one of these is away for now: the client tries again (HTTP 503)
+_AWAY = ("lost the connection", "cannot connect", "could not get it back")
+
+
+class WorkAnnouncer:
+    """Counts the news of work the store hears (a submit, a retry, a job back in the queue);
+    waiting requests return as soon as the count moves past what they saw."""
+
+    def __init__(self, opener: Callable[[], Store]) -> None:
+        self.generation = 0
+        self._open = opener
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+        self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._listen, name="jobfleet-announcer",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _listen(self) -> None:
+        store: Store | None = None
+        while not self._stopping:
+            try:
+                if store is None:
+                    store = self._open()
+                    store.wait_for_work(0)  # starts listening
+                    self._bump()  # work may have come while nobody listened
+                    continue
+                started = time.monotonic()
+                store.wait_for_work(5.0, also=self._stop_r)
+                if not store.hears_work:
+                    time.sleep(0.2)  # a store that cannot tell: news every poll
+                    self._bump()
+                elif time.monotonic() - started < 4.9 and not self._stopping:
+                    self._bump()
+            except Exception:  # noqa: BLE001  (the store is away: try again in a moment)
+                if store is not None:
+                    with contextlib.suppress(Exception):
+                        store.close()
+                store = None
+                time.sleep(1.0)
+        if store is not None:
+            store.close()
+
+    def _bump(self) -> None:
+        self.generation += 1
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: we are stopping
+                loop.call_soon_threadsafe(self._fire)
+
+    def _fire(self) -> None:
+        event, self._event = self._event, asyncio.Event()
+        if event is not None:
+            event.set()
+
+    async def wait(self, since: int, timeout: float) -> int:
+        """The news count, once it is not `since` or `timeout` seconds have passed."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        if self._event is None:
+            self._event = asyncio.Event()
+        if self.generation == since and timeout > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._event.wait(), timeout)
+        return self.generation
+
+    def stop(self) -> None:
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            os.write(self._stop_w, b"x")
+        self._thread.join(timeout=10)
+
+
+def create_server(store_url: str, blobs_url: str, *, opener: Callable[[str], Store] | None = None,
+                  dashboard: bool = True, dashboard_token: str | None = None,
+                  protect_reads: bool = True) -> FastAPI:
+    """The server for the store at `store_url` and the blobs at `blobs_url`.
+
+    `opener` opens the store (default `open_store`; tests pass one with their clock). With
+    `dashboard`, the dashboard's pages and API are served too, behind `dashboard_token`.
+    """
+    from jobfleet.gateway import routes
+
+    open_one = opener or open_store
+    stores = StorePerThread(store_url, open_one)
+    first = stores.get()
+    db = gateway_db(first)
+    announcer = WorkAnnouncer(lambda: open_one(store_url))
+    gate = Gate(stores, open_blobs(blobs_url), db, announcer,
+                Token(dashboard_token, protect_reads=protect_reads) if dashboard_token else None)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        announcer.start()
+        try:
+            yield
+        finally:
+            announcer.stop()
+            stores.close()
+            db.close()
+            if sub is not None:
+                sub.state.jobfleet.stores.close()
+
+    app = FastAPI(title="jobfleet server",
+                  summary="The worker gateway (/v1) and the dashboard of one jobfleet store.",
+                  lifespan=lifespan)
+    app.state.gate = gate
+    app.include_router(routes.worker)
+    app.include_router(routes.client)
+    app.include_router(routes.blobs)
+
+    @app.exception_handler(Refused)
+    async def refused(request: Request, e: Refused) -> JSONResponse:
+        return JSONResponse({"detail": e.message, "hint": e.hint}, status_code=e.status)
+
+    @app.exception_handler(BadRequest)
+    async def bad(request: Request, e: BadRequest) -> JSONResponse:
+        return JSONResponse({"detail": e.message, "hint": e.hint}, status_code=400)
+
+    @app.exception_handler(JobfleetError)
+    async def failed(request: Request, e: JobfleetError) -> JSONResponse:
+        status = 404 if isinstance(e, NotFound) else 400 if isinstance(
+            e, SpecError | ConfigError) else 503 if e.message.startswith(_AWAY) else 400
+        return JSONResponse({"detail": e.message, "hint": e.hint}, status_code=status)
+
+    @app.exception_handler(KeyError)
+    @app.exception_handler(TypeError)
+    @app.exception_handler(ValueError)
+    async def malformed(request: Request, e: Exception) -> JSONResponse:
+        return JSONResponse({"detail": f"malformed request: {type(e).__name__}: {e}",
+                             "hint": "a jobfleet worker or client of the same version as the"
+                                     " server sends well-formed requests"}, status_code=400)
+
+    sub: Any = None
+    if dashboard:
+        from jobfleet.dashboard.app import create_app
+
+        sub = create_app(store_url, blobs_url, dashboard_token, protect_reads=protect_reads)
+        app.mount("/", sub)
+    return app
