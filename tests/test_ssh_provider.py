@@ -137,7 +137,7 @@ class CommandLineWatch:
                     if self.secret in line:
                         self.found.append(line.replace(b"\0", b" ").decode(errors="replace"))
             self.rounds += 1
-            self._stop.wait(0.01)
+            self._stop.wait(0.05)
 
     def stop(self) -> list[str]:
         self._stop.set()
@@ -295,6 +295,70 @@ def test_a_host_whose_setup_fails_is_left_out_and_the_other_runs_the_jobs(
         assert [m.phase for m in provider.list() if m.phase in ("launching", "bootstrapping",
                                                                "ready")] == []
         assert pids_with(f"--id {fleet}-") == []
+
+
+def test_a_worker_stopped_while_it_bootstraps_never_starts(
+        ssh_hosts: list[SshHost], fleet: str, providers: list[Any], marker: str,  # noqa: F811
+        tmp_path: Path) -> None:
+    """install = never with an interpreter that has jobfleet (this test's own); a setup
+    script that takes its time; terminate during it: the setup script is stopped, the worker
+    never starts."""
+    import sys
+    import time
+
+    from jobfleet.fleet import LaunchSpec
+
+    script = tmp_path / "slow-setup.sh"
+    script.write_text(f"echo preparing\nsleep {marker}\n")
+    provider = make(providers, fleet, ssh_hosts[:1], install="never", python=sys.executable,
+                    setup=str(script))
+    spec = LaunchSpec(fleet=fleet, run_id=None, env={"JOBFLEET_STORE": str(tmp_path / "db")})
+    [machine] = provider.launch(1, spec)
+    wait_for(lambda: pids_with(marker), 60, interval=0.1, what="the setup script to run")
+    other = make(providers, fleet, ssh_hosts[:1])
+    assert [m.phase for m in other.list()] == ["bootstrapping"]
+    setup_log = (FLEETS / fleet / f"{machine.worker_id}.setup.log").read_text()
+    assert f"{sys.executable} imports jobfleet" in setup_log, setup_log
+
+    started = time.monotonic()
+    provider.terminate([machine.id])
+    assert time.monotonic() - started < 10
+    assert provider.recorder.phases(machine.id) == ["bootstrapping", "stopped"]
+    [listed] = other.list()
+    assert listed.phase == "stopped", listed
+    assert not (FLEETS / fleet / f"{machine.worker_id}.pid").exists()
+    assert pids_with(f"--id {fleet}-") == []
+    wait_for(lambda: not pids_with(marker), 10, interval=0.1, what="the setup script to stop")
+
+
+def test_terminating_a_busy_worker_hands_its_job_back_and_leaves_nothing_running(
+        ssh_hosts: list[SshHost], fleet: str, providers: list[Any], marker: str,  # noqa: F811
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker told to stop while a job runs drains; past the grace (shortened here from
+    30 s) it is told again and hands the job back to the queue; nothing of it is left."""
+    import sys
+    import time
+
+    from jobfleet.fleet import LaunchSpec, ssh
+    from jobfleet.store import open_store
+
+    monkeypatch.setattr(ssh, "TERMINATE_GRACE", 1.0)
+    store = tmp_path / "jobfleet.db"
+    run = submit(str(store), [f"sleep {marker}"], tmp_path)
+    provider = make(providers, fleet, ssh_hosts[:1], install="never", python=sys.executable)
+    spec = LaunchSpec(fleet=fleet, run_id=run,
+                      env={"JOBFLEET_STORE": str(store), "JOBFLEET_BLOBS": str(tmp_path / "b")})
+    [machine] = provider.launch(1, spec)
+    wait_for(lambda: pids_with(marker), 60, interval=0.1, what="the job to start")
+
+    started = time.monotonic()
+    provider.terminate([machine.id])
+    assert time.monotonic() - started < 20
+    assert pids_with(marker) == [] and pids_with(f"--id {fleet}-") == []
+    with open_store(store) as db:
+        [job] = db.jobs(run)
+        assert job.state == "queued", job
+    assert [m.phase for m in provider.list()] == ["stopped"]
 
 
 def test_unreachable_hosts_refused_keys_and_missing_python_are_reasons_not_errors(

@@ -332,7 +332,6 @@ class SshProvider(Provider):
         state = {"host": host.entry, "run": spec.run_id or "", "fleet": self.fleet}
         for attempt in range(1, self.bootstrap_attempts + 1):
             self._set(machine_id, phase=BOOTSTRAPPING, attempts=attempt, reason=None, log_tail=())
-            touching = asyncio.get_running_loop().create_task(remote.touching(worker_id))
             try:
                 await remote.bootstrap(worker_id, spec, {**state, "attempts": attempt},
                                        f"bootstrap attempt {attempt} of {self.bootstrap_attempts}:"
@@ -344,7 +343,6 @@ class SshProvider(Provider):
                 tail = e.tail or await remote.setup_tail(worker_id)
                 log.info("%s: bootstrap attempt %d failed: %s", machine_id, attempt, reason)
             except asyncio.CancelledError:  # terminated, or the provider closed
-                touching.cancel()
                 with contextlib.suppress(bootstrap_error):
                     await remote.write_state(worker_id, {**state, "phase": STOPPED,
                                                          "attempts": attempt,
@@ -353,8 +351,6 @@ class SshProvider(Provider):
             except Exception as e:  # a bug here must not leave the machine bootstrapping
                 log.exception("%s: bootstrap attempt %d failed", machine_id, attempt)
                 reason, tail = f"bootstrap error: {type(e).__name__}: {e}", ()
-            finally:
-                touching.cancel()
             if attempt < self.bootstrap_attempts:
                 await asyncio.sleep(RETRY_PAUSE * attempt)
         why = f"{reason} (after {self.bootstrap_attempts} attempts; host left out)"

@@ -37,6 +37,9 @@ READY_WAIT = 15
 #: a bootstrap in progress touches its state file this often (seconds), so a lister can tell
 #: a live bootstrap (touched within 5 minutes) from an abandoned one
 TOUCH_EVERY = 60.0
+#: bootstraps at once on one host: each holds an SSH session open, and sshd allows ten per
+#: connection by default (MaxSessions), some of them for list, terminate and touch
+BOOTSTRAPS_AT_ONCE = 6
 TAIL = 20
 
 
@@ -90,6 +93,9 @@ class Remote:
         self._conn: asyncssh.SSHClientConnection | None = None
         self._connecting = asyncio.Lock()
         self._installing = asyncio.Lock()
+        self._bootstraps = asyncio.Semaphore(BOOTSTRAPS_AT_ONCE)
+        self._underway: set[str] = set()  # workers bootstrapping here now
+        self._toucher: asyncio.Task[None] | None = None
 
     def file(self, worker_id: str, kind: str) -> str:
         return f"{self.fleet_dir}/{worker_id}.{kind}"
@@ -120,6 +126,8 @@ class Remote:
             return self._conn
 
     async def close(self) -> None:
+        if self._toucher is not None:
+            self._toucher.cancel()
         if self._conn is not None:
             self._conn.close()
             with contextlib.suppress(Exception):
@@ -177,18 +185,33 @@ class Remote:
             return ()
         return tuple(done.stdout.splitlines())
 
-    async def touching(self, worker_id: str) -> None:
-        """Touch the state file every TOUCH_EVERY seconds, until cancelled."""
-        while True:
+    async def _touching(self) -> None:
+        """While bootstraps are under way here, touch their state files every TOUCH_EVERY
+        seconds (one command for them all)."""
+        while self._underway:
             await asyncio.sleep(TOUCH_EVERY)
-            with contextlib.suppress(BootstrapError):
-                await self.sh(f"touch {shlex.quote(self.file(worker_id, 'state'))}\n")
+            paths = [self.file(w, "state") for w in sorted(self._underway)]
+            if paths:
+                with contextlib.suppress(BootstrapError):
+                    await self.sh(f"touch -c {shlex.join(paths)}\n")
 
     # -- bootstrap ----------------------------------------------------------------------------
     async def bootstrap(self, worker_id: str, spec: LaunchSpec, state: Mapping[str, object],
                         note: str) -> None:
         """Make the worker run here: Python checked, jobfleet installed, setup run, worker
-        started; the state file says `bootstrapping`, then `ready`. Raises BootstrapError."""
+        started; the state file says `bootstrapping`, then `ready`. Raises BootstrapError.
+        At most BOOTSTRAPS_AT_ONCE run at once on a host (the others wait their turn)."""
+        async with self._bootstraps:
+            self._underway.add(worker_id)
+            if self._toucher is None or self._toucher.done():
+                self._toucher = asyncio.get_running_loop().create_task(self._touching())
+            try:
+                await self._bootstrap(worker_id, spec, state, note)
+            finally:
+                self._underway.discard(worker_id)
+
+    async def _bootstrap(self, worker_id: str, spec: LaunchSpec, state: Mapping[str, object],
+                         note: str) -> None:
         wheel = build_wheel()
         if self.access.install == "auto" and spec.version and spec.version != wheel.version:
             raise BootstrapError(f"this jobfleet is {wheel.version}: it cannot install"

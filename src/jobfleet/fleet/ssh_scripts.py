@@ -37,7 +37,7 @@ for s in *.state; do
   fi
   if [ -z "$live" ] && [ -n "$(find "$s" -mmin +1440 2>/dev/null)" ] \
      && [ -z "$(find "$w.log" -mmin -1440 2>/dev/null)" ]; then
-    rm -f "$w.state" "$w.pid" "$w.log" "$w.setup.log" "$w.setup.sh"
+    rm -f "$w.state" "$w.pid" "$w.log" "$w.setup.log" "$w.setup.sh" "$w.setup.pgid"
     continue
   fi
   echo "@@worker $w"
@@ -54,15 +54,20 @@ done
 echo "@@end"
 """
 
-#: args: FLEET_DIR GRACE_SECONDS WORKER... TERM each worker (it drains), wait GRACE; TERM
-#: again (it hands its jobs back), wait 5 s; then KILL its process group. Removes the pid
-#: files and marks the states stopped (a failed one stays failed).
+#: args: FLEET_DIR GRACE_SECONDS WORKER... Stops a setup script still running (its process
+#: group); TERM each worker (it drains), wait GRACE; TERM again (it hands its jobs back), wait
+#: 5 s; then KILL its process group. Removes the pid files and marks the states stopped (a
+#: failed one stays failed).
 TERMINATE = _ALIVE + r"""
 cd "$1" 2>/dev/null || exit 0
 grace=$2
 shift 2
 pids=""
 for w in "$@"; do
+  if [ -s "$w.setup.pgid" ]; then
+    kill -TERM "-$(cat "$w.setup.pgid")" 2>/dev/null
+    rm -f "$w.setup.pgid"
+  fi
   [ -s "$w.pid" ] || continue
   pid=$(cat "$w.pid")
   if alive "$pid" "$w"; then
@@ -88,7 +93,7 @@ for pw in $pids; do kill -TERM "${pw%%:*}" 2>/dev/null; done
 wait_exit 50
 for pw in $pids; do
   echo "killed ${pw#*:} (pid ${pw%%:*}): it did not exit after SIGTERM"
-  kill -KILL -- "-${pw%%:*}" 2>/dev/null
+  kill -KILL "-${pw%%:*}" 2>/dev/null
   kill -KILL "${pw%%:*}" 2>/dev/null
 done
 for w in "$@"; do
@@ -137,11 +142,14 @@ fi
 
 #: args: FLEET_DIR WORKER, with the setup script already written to $dir/$w.setup.sh and its
 #: environment exported. Runs it in $HOME, its output appended to the setup log; prints
-#: `status=N`, then (when N is not 0) the log's last lines.
+#: `status=N`, then (when N is not 0) the log's last lines. While it runs, $w.setup.pgid
+#: names its process group, for TERMINATE to stop it.
 SETUP = _SAY + r"""
 dir=$1 w=$2
 script="$dir/$w.setup.sh"
 chmod 700 "$script"
+pgid=$(ps -o pgid= -p $$ 2>/dev/null | tr -d ' ')
+echo "${pgid:-$$}" > "$dir/$w.setup.pgid"
 say "running the setup script"
 if head -c 2 "$script" | grep -q '^#!'; then
   "$script" < /dev/null >> "$dir/$w.setup.log" 2>&1
@@ -149,6 +157,7 @@ else
   sh "$script" < /dev/null >> "$dir/$w.setup.log" 2>&1
 fi
 status=$?
+rm -f "$dir/$w.setup.pgid"
 say "the setup script exited $status"
 echo "status=$status"
 [ "$status" = 0 ] || tail -n 20 "$dir/$w.setup.log"
