@@ -437,3 +437,18 @@ def test_launch_past_the_quota_runs_in_waves_or_stops(aws: Aws,
     assert f"--desired-value {int(used) + 4}" in str(e.value.hint)
     assert len([m for m in p.list() if m.phase in LIVE]) == 1
     assert down(p, wait=10) == []
+
+
+def test_doctor_reports_the_quota(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `jobfleet doctor` shows for the quota, against moto (an emulator: no real AWS
+    here), which cannot answer for EC2 quotas: SKIP with why; a value given: PASS with room."""
+    fleet = fleet_name()
+    p = provider_named("aws", fleet, aws.ec2_settings())
+    status, detail, _ = p.quota_report()  # type: ignore[attr-defined]
+    assert status == "SKIP" and "L-34B43A08" in detail and "not readable" in detail
+    used = p.backend._in_use(True)  # type: ignore[attr-defined]
+    monkeypatch.setattr(p.ctx, "quota_value", lambda service, code: (used + 9.0, ""))  # type: ignore[attr-defined]
+    status, detail, _ = p.quota_report()  # type: ignore[attr-defined]
+    assert status == "PASS" and "room for 4 more workers of 2 vCPUs" in detail
+    bad = provider_named("aws", fleet, aws.ec2_settings(instance_type="c5.hugelarge"))
+    assert bad.quota_report()[0] == "FAIL"  # type: ignore[attr-defined]

@@ -95,7 +95,7 @@ def _guarded(name: str, check: Callable[[], Check]) -> Check:
 
 def _provider_checks(flags: FleetFlags) -> list[Check]:
     """The provider's settings, then whether what it starts workers on answers (hosts over
-    SSH, Slurm's controller); quotas are not readable from any provider yet."""
+    SSH, Slurm's controller, AWS), then its quotas where it can read them (aws)."""
     from jobfleet.cli.fleet import fleet_settings, open_provider
     from jobfleet.cli.run import fleet_configured
     from jobfleet.fleet import FAILED
@@ -128,7 +128,12 @@ def _provider_checks(flags: FleetFlags) -> list[Check]:
         else:
             checks.append(Check(names[1], "PASS", f"{fs.provider} answers; fleet {fs.name} has"
                                 f" {len(machines)} worker(s)"))
-    checks.append(Check(names[2], "SKIP", f"{fs.provider} has no quotas jobfleet can read"))
+    quotas = getattr(provider, "quota_report", None)  # providers that can read quotas
+    if quotas is None:
+        checks.append(Check(names[2], "SKIP", f"{fs.provider} has no quotas jobfleet can read"))
+    else:
+        status, detail, fix = quotas()
+        checks.append(Check(names[2], status, detail, fix))
     provider.close()
     return checks
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from jobfleet.errors import ConfigError
 from jobfleet.fleet.autoscale import FleetError
 from jobfleet.fleet.aws_boot import PREFIX, parameter_path
-from jobfleet.fleet.aws_quota import Quota, QuotaError, plan
+from jobfleet.fleet.aws_quota import Quota, QuotaError, plan, quota_name
 from jobfleet.fleet.aws_settings import AwsSettings, parse_settings
 from jobfleet.fleet.base import FAILED, LIVE, LaunchSpec, Machine, OnChange, Provider
 
@@ -150,6 +150,26 @@ class AwsProvider(Provider):
     def quota(self, spot: bool | None = None) -> Quota:
         """The vCPU quota this fleet's launches count against, and what is in use of it."""
         return self.backend.quota(spot)
+
+    def quota_report(self) -> tuple[str, str, str | None]:
+        """For `jobfleet doctor`: (PASS, WARN, FAIL or SKIP, what was found, what to do)."""
+        try:
+            self.check()
+            q = self.quota()
+        except ConfigError as e:
+            return "FAIL", e.message, e.hint
+        if q.value is None:
+            return "SKIP", f"{quota_name(q)} not readable: {q.note}", (
+                "allow servicequotas:GetServiceQuota to the control side to have it checked"
+                " before each launch" if q.code else None)
+        per = self.backend.vcpus_per_worker()
+        fits = max(0, int((q.value - q.used) // per)) if per else 0
+        found = (f"{quota_name(q)} is {q.value:g} vCPUs, {q.used:g} in use: room for {fits} more"
+                 f" workers of {per:g} vCPUs")
+        if fits == 0:
+            return "WARN", found, (f"ask for more (Service Quotas, {q.code[1] if q.code else ''}),"
+                                   " or wait for running instances to end")
+        return "PASS", found, None
 
     # -- the provider interface -------------------------------------------------------------
     def launch(self, n: int, spec: LaunchSpec) -> list[Machine]:

@@ -58,7 +58,7 @@ class Plan:
     message: str | None = None  # set when fewer than asked for are launched, or unchecked
 
 
-def _name(q: Quota) -> str:
+def quota_name(q: Quota) -> str:
     if q.code is None:
         return "the vCPU quota"
     service, code, title = q.code
@@ -72,14 +72,14 @@ def plan(n: int, per_worker: float, quota: Quota, on_quota: str) -> Plan:
     if n <= 0:
         return Plan(0)
     if quota.value is None:
-        return Plan(n, f"{_name(quota)} not checked: {quota.note}" if quota.note else None)
+        return Plan(n, f"{quota_name(quota)} not checked: {quota.note}" if quota.note else None)
     need = quota.used + n * per_worker
     if need <= quota.value:
         return Plan(n)
     fits = max(0, math.floor((quota.value - quota.used) / per_worker)) if per_worker else n
     ask = math.ceil(need)
     where = (f"{n} workers of {per_worker:g} vCPUs need {n * per_worker:g} vCPUs, with"
-             f" {quota.used:g} in use that is {ask}; {_name(quota)} is {quota.value:g}")
+             f" {quota.used:g} in use that is {ask}; {quota_name(quota)} is {quota.value:g}")
     request = (f"ask for at least {ask} vCPUs: Service Quotas console, or `aws service-quotas"
                f" request-service-quota-increase --service-code {quota.code[0]} --quota-code"
                f" {quota.code[1]} --desired-value {ask}`" if quota.code else
