@@ -449,51 +449,6 @@ def test_fleet_up_status_down_by_hand_show_phases_and_the_setup_log(
         assert after == {ssh_hosts[0].entry: "stopped", ssh_hosts[1].entry: "failed"}, after
 
 
-@pytest.mark.parametrize(("setting", "value", "words"), [
-    ("hosts", "user@:x", "hosts"),
-    ("hosts", "root@host:99999", "port"),
-    ("hosts", "a@b,a@b", "twice"),
-    ("workers_per_host", 0, "at least 1"),
-    ("bootstrap_attempts", "many", "bootstrap_attempts"),
-    ("connect_timeout", "soon", "connect_timeout"),
-    ("install", "sometimes", "auto"),
-    ("ssh_key", "/nonexistent/key", "no private key file"),
-    ("setup", "/nonexistent/setup.sh", "no setup script"),
-    ("known_hosts", "/nonexistent/known_hosts", "known_hosts"),
-    ("hostz", "a@b", "no setting 'hostz'"),
-])
-def test_a_bad_setting_is_refused_before_anything_starts(setting: str, value: object,
-                                                          words: str) -> None:
-    from jobfleet.errors import ConfigError
-    from jobfleet.fleet import provider_named
-
-    settings = {"hosts": "me@example.org", setting: value}
-    with pytest.raises(ConfigError) as e:
-        provider_named("ssh", "f", settings)
-    message = str(e.value)
-    assert setting in message and words in message, message
-    assert "providers.ssh" in message
-
-
-def test_settings_as_written_in_jobfleet_toml_are_understood(tmp_path: Path) -> None:
-    from jobfleet.fleet import provider_named
-
-    key = tmp_path / "id_ed25519"
-    key.write_text("not a key")
-    from jobfleet.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="ssh_key"):
-        provider_named("ssh", "f", {"hosts": ["a@h"], "ssh_key": str(key)})
-    p = provider_named("ssh", "f", {"hosts": ["alice@gpu1:2222", "bob@[::1]", "gpu3"],
-                                    "workers_per_host": "3", "connect_timeout": "5s",
-                                    "install": "never", "known_hosts": "ignore"})
-    described = p.describe()
-    assert described["hosts"] == ["alice@gpu1:2222", "bob@[::1]:22",
-                                  f"{__import__('getpass').getuser()}@gpu3:22"]
-    assert described["install"] == "never" and described["workers_per_host"] == 3
-    assert described["ssh_key"] == "ssh agent / default keys"
-
-
 def test_run_with_the_ssh_provider_runs_300_jobs_and_leaves_nothing(
         ssh_hosts: list[SshHost], fleet: str, jf: Jobfleet,  # noqa: F811
         pg_with_password: tuple[str, str], tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import asyncssh
 
 from jobfleet.fleet import ssh_scripts as scripts
 from jobfleet.fleet.base import LaunchSpec
-from jobfleet.fleet.ssh import Access, Host
+from jobfleet.fleet.ssh_settings import Access, Host
 from jobfleet.fleet.wheel import build_wheel
 
 log = logging.getLogger("jobfleet.fleet.ssh")
