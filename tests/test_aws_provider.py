@@ -452,3 +452,24 @@ def test_doctor_reports_the_quota(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> 
     assert status == "PASS" and "room for 4 more workers of 2 vCPUs" in detail
     bad = provider_named("aws", fleet, aws.ec2_settings(instance_type="c5.hugelarge"))
     assert bad.quota_report()[0] == "FAIL"  # type: ignore[attr-defined]
+
+
+def test_gateway_workers_get_their_token_through_ssm_only(aws: Aws) -> None:
+    """Gateway mode in moto (an emulator: no real AWS here): workers get the server and their
+    worker token as parameters, no store or blob credentials, and the token is not in the
+    user data."""
+    from dataclasses import replace
+
+    fleet = fleet_name()
+    p = provider_named("aws", fleet, aws.ec2_settings(market="on-demand"))
+    gateway = replace(spec(fleet), server="https://gw.internal:8443", token="wtok-Sup3rSecret")
+    [m] = p.launch(1, gateway)
+    assert m.phase == "launching"
+    assert {x["Name"].rsplit("/", 1)[1]: x["Value"] for x in aws.parameters(fleet)} == {
+        "JOBFLEET_SERVER": "https://gw.internal:8443", "JOBFLEET_TOKEN": "wtok-Sup3rSecret"}
+    raw = aws.client("ec2").describe_instance_attribute(InstanceId=m.id,
+                                                        Attribute="userData")["UserData"]
+    script = base64.b64decode(raw["Value"]).decode()
+    assert "wtok-Sup3rSecret" not in script and "--spot-watch" not in script
+    assert_no_credentials(script)
+    assert down(p, wait=10) == [] and aws.parameters(fleet) == []

@@ -85,6 +85,12 @@ def tags(fleet: str, run_id: str | None, worker_id: str | None = None) -> dict[s
     return found
 
 
+def worker_env(spec: LaunchSpec) -> dict[str, str]:
+    """The variables workers get through SSM: the store's and blobs' (or, in gateway mode,
+    the server's and the worker token), those with a value."""
+    return {k: v for k, v in spec.worker_env().items() if v}
+
+
 class Context:
     """What the EC2 and ECS halves share: the settings, the fleet, AWS clients (made once,
     lazily: boto3 is imported only when AWS is called)."""
@@ -223,14 +229,15 @@ class AwsProvider(Provider):
     def _store_env(self, spec: LaunchSpec) -> str:
         """Write the workers' environment as SecureString parameters (once per distinct
         environment); the path they are under."""
-        path = parameter_path(self.fleet, spec.env)
+        env = worker_env(spec)
+        path = parameter_path(self.fleet, env)
         ssm = self.ctx.client("ssm")
-        names = [f"{path}/{var}" for var in sorted(spec.env)]
+        names = [f"{path}/{var}" for var in sorted(env)]
         have = set()
         for i in range(0, len(names), 10):
             found = ssm.get_parameters(Names=names[i:i + 10], WithDecryption=False)
             have |= {p["Name"] for p in found["Parameters"]}
-        for var, value in sorted(spec.env.items()):
+        for var, value in sorted(env.items()):
             name = f"{path}/{var}"
             if name in have:
                 continue

@@ -15,7 +15,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from jobfleet.errors import ConfigError
-from jobfleet.fleet.aws import FLEET_TAG, RUN_TAG, WORKER_TAG, Context, error_code, explain_error, tags
+from jobfleet.fleet.aws import (
+    FLEET_TAG,
+    RUN_TAG,
+    WORKER_TAG,
+    Context,
+    error_code,
+    explain_error,
+    tags,
+    worker_env,
+)
 from jobfleet.fleet.aws_quota import FARGATE, Quota
 from jobfleet.fleet.base import FAILED, LAUNCHING, LIVE, READY, STOPPED, LaunchSpec, Machine
 
@@ -140,7 +149,7 @@ class Ecs:
                 "cpu": cfg.cpu, "memory": cfg.memory,
                 "entryPoint": ["jobfleet"], "command": ["worker"],
                 "secrets": [{"name": var, "valueFrom": f"{arn}{path}/{var}"}
-                            for var in sorted(spec.env)],
+                            for var in sorted(worker_env(spec))],
                 "stopTimeout": STOP_TIMEOUT,
             }
             if cfg.log_group:
