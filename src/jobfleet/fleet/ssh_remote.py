@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import posixpath
 import secrets
@@ -150,9 +151,13 @@ class Remote:
     async def sh(self, script: str, *args: str, before: str = "",
                  timeout: float = STEP_TIMEOUT) -> _Done:
         """`script` run by `sh -s -- ARGS` in the home folder, after `before` (shell lines:
-        exports, variables); all of it on standard input."""
+        exports, variables); all of it on standard input. What the login shell printed before
+        it (a chatty ~/.bashrc) is left out of its output."""
         command = "sh -s -- " + shlex.join(args) if args else "sh -s"
-        return await self.run(command, 'cd "$HOME" || exit 1\n' + before + script, timeout)
+        done = await self.run(command, f'cd "$HOME" || exit 1\necho {_START}\n{before}{script}',
+                              timeout)
+        _, marker, rest = done.stdout.partition(f"{_START}\n")
+        return dataclasses.replace(done, stdout=rest) if marker else done
 
     async def put(self, path: str, data: bytes, mode: int = 0o600) -> None:
         conn = await self.connection()
@@ -342,6 +347,10 @@ class _Done:
     returncode: int
     stdout: str
     stderr: str
+
+
+#: what a script prints first: its output starts after it
+_START = "@@jobfleet"
 
 
 def _text(data: object) -> str:
