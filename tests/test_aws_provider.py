@@ -473,3 +473,29 @@ def test_gateway_workers_get_their_token_through_ssm_only(aws: Aws) -> None:
     assert "wtok-Sup3rSecret" not in script and "--spot-watch" not in script
     assert_no_credentials(script)
     assert down(p, wait=10) == [] and aws.parameters(fleet) == []
+
+
+def test_aws_refusals_are_reported_not_raised_raw(aws: Aws,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """An identity without the SSM or EC2 permissions, in moto (an emulator: no real AWS
+    here): the refusal is replayed the way AWS sends it."""
+    from botocore.exceptions import ClientError
+
+    from jobfleet.fleet.autoscale import FleetError
+
+    def denied(**kw: Any) -> Any:
+        raise ClientError({"Error": {"Code": "AccessDeniedException",
+                                     "Message": "not authorized to perform ssm:PutParameter"}},
+                          "PutParameter")
+
+    fleet = fleet_name()
+    p = provider_named("aws", fleet, aws.ec2_settings())
+    monkeypatch.setattr(p.ctx.client("ssm"), "put_parameter", denied)  # type: ignore[attr-defined]
+    machines = p.launch(2, spec(fleet))
+    assert [m.phase for m in machines] == ["failed"] * 2
+    assert "AccessDeniedException" in str(machines[0].reason)
+    assert "control side's IAM policy" in str(machines[0].reason)
+    assert aws.instances(fleet) == []  # nothing started without its environment
+    monkeypatch.setattr(p.ctx.client("ec2"), "describe_instances", denied)  # type: ignore[attr-defined]
+    with pytest.raises(FleetError, match="listing fleet .* AccessDeniedException"):
+        p.list()

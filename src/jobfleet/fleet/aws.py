@@ -61,6 +61,13 @@ def boto3_module() -> Any:
     return boto3
 
 
+def aws_errors() -> tuple[type[Exception], ...]:
+    """The exceptions an AWS call raises (botocore's), for `except aws_errors():`."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (ClientError, BotoCoreError)
+
+
 def error_code(e: BaseException) -> str:
     return str(getattr(e, "response", {}).get("Error", {}).get("Code", type(e).__name__))
 
@@ -106,7 +113,11 @@ class Context:
         with self._lock:
             if service not in self._clients:
                 boto3 = boto3_module()
-                self._clients[service] = boto3.client(service, region_name=self.cfg.region)
+                from botocore.config import Config
+
+                self._clients[service] = boto3.client(
+                    service, region_name=self.cfg.region,
+                    config=Config(retries={"mode": "standard", "max_attempts": 6}))
             return self._clients[service]
 
     def quota_value(self, service: str, code: str) -> tuple[float | None, str]:
@@ -154,8 +165,12 @@ class AwsProvider(Provider):
             self._checked = True
 
     def quota(self, spot: bool | None = None) -> Quota:
-        """The vCPU quota this fleet's launches count against, and what is in use of it."""
-        return self.backend.quota(spot)
+        """The vCPU quota this fleet's launches count against, and what is in use of it (no
+        value, with why, when either cannot be read)."""
+        try:
+            return self.backend.quota(spot)
+        except aws_errors() as e:
+            return Quota(None, None, note=explain_error(e, "counting the vCPUs in use"))
 
     def quota_report(self) -> tuple[str, str, str | None]:
         """For `jobfleet doctor`: (PASS, WARN, FAIL or SKIP, what was found, what to do)."""
@@ -190,7 +205,13 @@ class AwsProvider(Provider):
         if decided.launch == 0:
             return [Machine(f"quota-{secrets.token_hex(2)}", self.name, self.fleet, FAILED,
                             run_id=spec.run_id, reason=decided.message)] if n else []
-        path = self._store_env(spec)
+        try:
+            path = self._store_env(spec)
+        except aws_errors() as e:
+            reason = explain_error(e, "writing the workers' environment to SSM Parameter Store")
+            log.warning("aws: %s", reason)
+            return [Machine(f"{self.fleet}-{secrets.token_hex(3)}", self.name, self.fleet,
+                            FAILED, run_id=spec.run_id, reason=reason) for _ in range(n)]
         ids = [f"{self.fleet}-{secrets.token_hex(3)}" for _ in range(decided.launch)]
         with ThreadPoolExecutor(min(_LAUNCH_THREADS, len(ids))) as pool:
             machines = list(pool.map(lambda wid: self.backend.launch_one(wid, spec, path), ids))
@@ -199,17 +220,26 @@ class AwsProvider(Provider):
         return machines
 
     def list(self) -> list[Machine]:
-        return self.backend.list()
+        try:
+            return self.backend.list()
+        except aws_errors() as e:
+            raise FleetError(explain_error(e, f"listing fleet {self.fleet}'s machines"),
+                             hint="docs/providers/aws.md: the control side's policy") from None
 
     def terminate(self, ids: Sequence[str]) -> None:
         """Stop these machines (only those tagged with this fleet), then list again; once
         nothing of the fleet is live, delete its parameters and task definitions."""
         mine = {m.id: m for m in self.list()}
         ours = [i for i in ids if i in mine]
-        if ours:
-            self.backend.terminate(ours, mine)
-        if not any(m.phase in LIVE for m in self.list()):
-            self.remove_leftovers()
+        try:
+            if ours:
+                self.backend.terminate(ours, mine)
+            if not any(m.phase in LIVE for m in self.list()):
+                self.remove_leftovers()
+        except aws_errors() as e:
+            raise FleetError(explain_error(e, f"stopping fleet {self.fleet}'s machines"),
+                             hint="docs/providers/aws.md: the control side's policy; `jobfleet"
+                                  f" fleet down --fleet {self.fleet}` tries again") from None
 
     def describe(self) -> dict[str, object]:
         c = self.cfg

@@ -144,7 +144,11 @@ class Ec2:
                               hint="set market = \"on-demand\", or choose another type")
         self._check_profile(cfg.instance_profile)
         if cfg.volume_size:
-            images = self.ec2.describe_images(ImageIds=[cfg.image])["Images"]
+            try:
+                images = self.ec2.describe_images(ImageIds=[cfg.image])["Images"]
+            except Exception as e:
+                raise ConfigError(explain_error(e, f"looking up image {cfg.image}"),
+                                  hint="AMI ids are per region: look it up in this one") from None
             if not images:
                 raise ConfigError(f"providers.aws: image {cfg.image} is not in {cfg.region}",
                                   hint="AMI ids are per region: look it up in this one")
