@@ -430,7 +430,7 @@ class FakeCluster:
                                             f' "{name}" not found')
         obj = self.objects[key]
         if method == "GET" and sub == "log":
-            logs = self.previous_logs if query.get("previous") == "true" else self.logs
+            logs = self.previous_logs if query.get("previous", "").lower() == "true" else self.logs
             if name not in logs:
                 raise ApiError(400, "BadRequest", f'container "worker" in pod "{name}" is'
                                                   " waiting to start: ContainerCreating")
@@ -487,7 +487,7 @@ class FakeCluster:
 
         server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         server.daemon_threads = True
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
         thread.start()
         self.url = f"http://127.0.0.1:{server.server_address[1]}"
         try:

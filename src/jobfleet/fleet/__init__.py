@@ -27,6 +27,7 @@ PROVIDERS = {
     "ssh": "jobfleet.fleet.ssh:SshProvider",
     "slurm": "jobfleet.fleet.slurm:SlurmProvider",
     "aws": "jobfleet.fleet.aws:AwsProvider",
+    "kubernetes": "jobfleet.fleet.kubernetes:KubernetesProvider",
 }
 
 

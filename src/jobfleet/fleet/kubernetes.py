@@ -119,13 +119,17 @@ class KubernetesProvider(Provider):
     # -- calls -----------------------------------------------------------------------------
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, missing_ok: bool = False,
-              **kw: Any) -> Any:
-        """One API call; its answer as JSON (camelCase dicts); KubernetesError when refused."""
+              raw: bool = False, **kw: Any) -> Any:
+        """One API call; its answer as JSON (camelCase dicts), or as text with `raw`;
+        KubernetesError when refused."""
         k8s = _client()
         import urllib3
 
         try:
-            got = fn(*args, _request_timeout=REQUEST_TIMEOUT, **kw)
+            got = fn(*args, _request_timeout=REQUEST_TIMEOUT, _preload_content=not raw, **kw)
+            if raw:
+                data = got.data if hasattr(got, "data") else got.read()
+                return data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
         except k8s.client.exceptions.ApiException as e:
             if missing_ok and e.status == 404:
                 return None
@@ -269,7 +273,7 @@ class KubernetesProvider(Provider):
                 text = self._call(f"read the log of pod {meta['name']}",
                                   self.core.read_namespaced_pod_log, meta["name"],
                                   self.s.namespace, container=CONTAINER, tail_lines=LOG_TAIL,
-                                  previous=previous)
+                                  previous=previous, raw=True)
             except KubernetesError:
                 text = ""
             self._logs[key] = tuple(str(text or "").splitlines()[-LOG_TAIL:])
