@@ -229,7 +229,7 @@ class Remote:
         facts = dict(line.partition("=")[::2] for line in done.stdout.splitlines() if "=" in line)
         python = self._check_python(facts, done)
         if self.access.install == "auto":
-            if not _installed(facts.get("build", ""), wheel.build, extras_for(spec.env)):
+            if not _installed(facts.get("build", ""), wheel.build, extras_for(spec.worker_env())):
                 await self._install(worker_id, python, venv, spec)
             python = f"{venv}/bin/python"
         else:
@@ -260,7 +260,7 @@ class Remote:
     async def _install(self, worker_id: str, python: str, venv: str, spec: LaunchSpec) -> None:
         """This very jobfleet into `venv` (made if absent)."""
         wheel = build_wheel()
-        extras = ",".join(extras_for(spec.env))
+        extras = ",".join(extras_for(spec.worker_env()))
         async with self._installing:  # one copy per host at a time; the next finds it there
             path = f"{BASE}/wheels/{wheel.build}-{worker_id}/{wheel.name}"
             await self.put(path, wheel.data, 0o644)
@@ -365,8 +365,10 @@ def _dotted(version: tuple[int, ...]) -> str:
 
 def extras_for(env: Mapping[str, str]) -> list[str]:
     """The extras a worker with this environment needs: postgres for a PostgreSQL store, s3
-    for an S3 blob store."""
+    for an S3 blob store, gateway for a `jobfleet server`."""
     extras = []
+    if env.get("JOBFLEET_SERVER"):
+        extras.append("gateway")
     if env.get("JOBFLEET_STORE", "").startswith(("postgresql:", "postgres:")):
         extras.append("postgres")
     if env.get("JOBFLEET_BLOBS", "").startswith("s3:"):

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import importlib.metadata
 import io
+import tomllib
 import zipfile
 from dataclasses import dataclass
 from functools import cache
@@ -45,7 +46,12 @@ def _package_files() -> list[tuple[str, bytes]]:
 
 
 def _metadata(version: str) -> tuple[str, str]:
-    """METADATA and entry_points.txt of the installed distribution (made up if absent)."""
+    """METADATA and entry_points.txt: from pyproject.toml when running from a checkout (an
+    editable install's metadata is as old as its `pip install -e`: extras added since are
+    missing there), else the installed distribution's."""
+    checkout = _from_checkout(version)
+    if checkout is not None:
+        return checkout
     try:
         dist = importlib.metadata.distribution("jobfleet")
         meta = dist.read_text("METADATA") or ""
@@ -57,6 +63,31 @@ def _metadata(version: str) -> tuple[str, str]:
     if not entry_points:
         entry_points = "[console_scripts]\njobfleet = jobfleet.cli:main\n"
     return meta, entry_points
+
+
+def _from_checkout(version: str) -> tuple[str, str] | None:
+    """Metadata made from the pyproject.toml beside src/jobfleet, if this is a checkout."""
+    path = Path(jobfleet.__file__).resolve().parent.parent.parent / "pyproject.toml"
+    try:
+        project = tomllib.loads(path.read_text())["project"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return None
+    if project.get("name") != "jobfleet":
+        return None
+    lines = ["Metadata-Version: 2.1", "Name: jobfleet", f"Version: {version}"]
+    if project.get("requires-python"):
+        lines.append(f"Requires-Python: {project['requires-python']}")
+    lines += [f"Requires-Dist: {dep}" for dep in project.get("dependencies", [])]
+    for extra, deps in sorted(project.get("optional-dependencies", {}).items()):
+        lines.append(f"Provides-Extra: {extra}")
+        for dep in deps:
+            requirement, _, marker = dep.partition(";")
+            when = f'({marker.strip()}) and extra == "{extra}"' if marker.strip() \
+                else f'extra == "{extra}"'
+            lines.append(f"Requires-Dist: {requirement.strip()}; {when}")
+    scripts = project.get("scripts", {})
+    entry_points = "[console_scripts]\n" + "".join(f"{k} = {v}\n" for k, v in scripts.items())
+    return "\n".join(lines) + "\n", entry_points
 
 
 def _record_line(path: str, data: bytes) -> str:
