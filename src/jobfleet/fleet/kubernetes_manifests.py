@@ -197,12 +197,14 @@ def check_shape(value: object, model: str, path: str) -> None:
 
 
 def _check_type(value: object, kind: str, path: str) -> None:
-    if kind.startswith("list["):
+    # the client writes `list[V1X]` and `dict(str, str)` (up to 36), `List[V1X]` and
+    # `Dict[str, str]` (37 on)
+    if kind[:5].lower() == "list[":
         if not isinstance(value, list):
             raise ValueError(f"{path} must be a list")
         for i, item in enumerate(value):
             _check_type(item, kind[5:-1], f"{path}[{i}]")
-    elif kind.startswith("dict("):
+    elif kind[:5].lower() in ("dict(", "dict["):
         if not isinstance(value, dict):
             raise ValueError(f"{path} must be a table")
         inner = kind[5:-1].split(",", 1)[1].strip()
