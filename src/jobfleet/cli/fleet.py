@@ -27,7 +27,8 @@ fleet_app = typer.Typer(help="Start, watch and stop the workers of a fleet.",
 app.add_typer(fleet_app, name="fleet")
 
 ProviderOpt = Annotated[str | None, typer.Option(
-    "--provider", help="Where workers start: local, ssh, slurm or aws (env JOBFLEET_PROVIDER).")]
+    "--provider", help="Where workers start: local, ssh, slurm, aws or kubernetes"
+    " (env JOBFLEET_PROVIDER).")]
 FleetOpt = Annotated[str | None, typer.Option(
     "--fleet", help="The fleet's name (default: default).")]
 HostsOpt = Annotated[str | None, typer.Option(
