@@ -371,6 +371,54 @@ def test_a_quota_that_refuses_pods_is_the_reason(cluster: FakeCluster, tmp_path:
     assert p.list() == [] and nothing_left(cluster)
 
 
+def test_the_autoscaler_gives_up_on_workers_that_all_fail(cluster: FakeCluster,
+                                                          tmp_path: Path, jf: Jobfleet) -> None:
+    """An image that does not pull fails every pod alike: after two such launches the
+    provider starts no more, so the autoscaler stops with the reason instead of piling up
+    Jobs."""
+    from jobfleet.fleet.autoscale import Autoscaler, FleetError
+    from jobfleet.spec import JobSpec
+    from jobfleet.store import NewRun
+
+    p = open_provider(cluster, tmp_path)
+    with jf.open_store() as db:
+        run_id = db.submit(NewRun(), [JobSpec("true")] * 4)
+        spec = LaunchSpec("kf", run_id, env={"JOBFLEET_STORE": db.location})
+        scaler = Autoscaler(db, p, spec, max_workers=2)
+
+        def pull_fails() -> None:
+            for name in pods_of(cluster):
+                cluster.set_status(name, waiting("ImagePullBackOff",
+                                                 'Back-off pulling image "jobfleet:0.1.0"'))
+
+        assert scaler.step().launched == 2
+        pull_fails()
+        assert scaler.step().launched == 2  # a second try
+        pull_fails()
+        with pytest.raises(FleetError) as e:
+            for _ in range(5):
+                scaler.step()
+        assert "not starting more pods" in e.value.message
+        assert "ImagePullBackOff" in e.value.message
+        assert len(cluster.items("jobs")) == 2
+    assert down(p, wait=10) == [] and nothing_left(cluster)
+
+
+def test_gateway_workers_get_the_server_and_token_not_the_store(cluster: FakeCluster,
+                                                                 tmp_path: Path) -> None:
+    p = open_provider(cluster, tmp_path)
+    p.launch(1, LaunchSpec("kf", None, env=ENV, server="https://jobfleet.internal:8443",
+                           token="wt-" + PASSWORD))
+    [secret] = cluster.items("secrets")
+    env = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert env["JOBFLEET_SERVER"] == "https://jobfleet.internal:8443"
+    assert env["JOBFLEET_TOKEN"] == "wt-" + PASSWORD
+    assert "JOBFLEET_STORE" not in env and "AWS_SECRET_ACCESS_KEY" not in env
+    assert PASSWORD not in json.dumps(cluster.items("jobs"))
+    assert cluster.items("jobs")[0]["metadata"]["labels"]["jobfleet.io/run"] == "any"
+    assert down(p, wait=10) == [] and nothing_left(cluster)
+
+
 def test_refusals_say_what_to_do(cluster: FakeCluster, tmp_path: Path) -> None:
     cluster.rules = set()  # an account with no Role
     p = open_provider(cluster, tmp_path)

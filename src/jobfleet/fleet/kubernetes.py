@@ -21,7 +21,15 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from jobfleet.errors import ConfigError, JobfleetError
-from jobfleet.fleet.base import FAILED, LAUNCHING, LaunchSpec, Machine, OnChange, Provider
+from jobfleet.fleet.base import (
+    FAILED,
+    LAUNCHING,
+    READY,
+    LaunchSpec,
+    Machine,
+    OnChange,
+    Provider,
+)
 from jobfleet.fleet.kubernetes_manifests import (
     CONTAINER,
     KubeSettings,
@@ -41,6 +49,7 @@ from jobfleet.fleet.kubernetes_manifests import (
 )
 from jobfleet.fleet.kubernetes_status import (
     alive,
+    broken,
     failure_for,
     group_machines,
     group_of,
@@ -53,6 +62,8 @@ from jobfleet.fleet.kubernetes_status import (
 LOG_TAIL = 20
 #: seconds an API call may take
 REQUEST_TIMEOUT = 30
+#: launches whose every worker failed (while none is ready) before launch() starts no more
+BROKEN_LAUNCHES = 2
 _MERGE = "application/merge-patch+json"
 
 
@@ -115,6 +126,9 @@ class KubernetesProvider(Provider):
                        else k8s.client.AppsV1Api(self.api))
         self._events = True  # may we list events (FailedCreate reasons)? see docs' RBAC
         self._logs: dict[tuple[str, str, int], tuple[str, ...]] = {}
+        # from the last list(): groups whose every worker failed, and whether any is ready
+        self._broken: dict[str, str] = {}
+        self._ready = False
 
     # -- calls -----------------------------------------------------------------------------
 
@@ -202,6 +216,11 @@ class KubernetesProvider(Provider):
             return []
         group = group_name(self.fleet, secrets.token_hex(3))
         kind = self.s.kind
+        if len(self._broken) >= BROKEN_LAUNCHES and not self._ready:
+            # an image that does not pull, a worker that crashes: more pods would fail alike
+            why = "; ".join(f"{g}: {r}" for g, r in sorted(self._broken.items())[:2])
+            return self._failed(group, n, spec, f"not starting more pods: every worker of the"
+                                f" last {len(self._broken)} launches failed ({why})")
         body = (job_manifest(self.s, spec, group, n) if kind == "job"
                 else deployment_manifest(self.s, spec, group))
         created = None
@@ -210,7 +229,7 @@ class KubernetesProvider(Provider):
             # Secret, owned by it; then its pods may start
             created = self._create_group(body)
             secret = secret_manifest(self.s, spec, group, owner_reference(kind, created),
-                                     spec.env)
+                                     spec.worker_env())
             self._call(f"create secret {secret_name(group)}",
                        self.core.create_namespaced_secret, self.s.namespace, secret)
             self._patch_group(group, resume(kind, n))
@@ -218,11 +237,16 @@ class KubernetesProvider(Provider):
             if created is not None:  # else list() shows it, and fleet down deletes it
                 with contextlib.suppress(JobfleetError):
                     self._delete_group(group)
-            machines = [Machine(f"{group}/{i}", self.name, self.fleet, FAILED,
-                                run_id=spec.run_id, reason=e.message) for i in range(n)]
-        else:
-            machines = [Machine(f"{group}/{i}", self.name, self.fleet, LAUNCHING,
-                                run_id=spec.run_id) for i in range(n)]
+            return self._failed(group, n, spec, e.message)
+        machines = [Machine(f"{group}/{i}", self.name, self.fleet, LAUNCHING,
+                            run_id=spec.run_id) for i in range(n)]
+        for m in machines:
+            self.on_change(m)
+        return machines
+
+    def _failed(self, group: str, n: int, spec: LaunchSpec, reason: str) -> list[Machine]:
+        machines = [Machine(f"{group}/{i}", self.name, self.fleet, FAILED, run_id=spec.run_id,
+                            reason=reason) for i in range(n)]
         for m in machines:
             self.on_change(m)
         return machines
@@ -231,15 +255,16 @@ class KubernetesProvider(Provider):
         pods = self._pods()
         groups = self._groups()
         machines = []
+        by_group: dict[str, list[dict[str, Any]]] = {}
+        of_group: dict[str, list[Machine]] = {}
         for pod in pods:
             m, log = pod_machine(pod, self.fleet)
             if log is not None:
                 m = Machine(m.id, m.provider, m.fleet, m.phase, m.worker_id, m.host, m.run_id,
                             m.reason, self._log_tail(pod, log == "previous"))
             machines.append(m)
-        by_group: dict[str, list[dict[str, Any]]] = {}
-        for pod in pods:
             by_group.setdefault(group_of(pod) or "", []).append(pod)
+            of_group.setdefault(group_of(pod) or "", []).append(m)
         failures: dict[str, str] = {}
         if any(wanted(self.s.kind, g, by_group.get(g["metadata"]["name"], []))
                > sum(alive(p) for p in by_group.get(g["metadata"]["name"], []))
@@ -247,8 +272,12 @@ class KubernetesProvider(Provider):
             failures = self._failures()
         for g in groups:
             name = g["metadata"]["name"]
-            machines += group_machines(self.s.kind, g, by_group.get(name, []), self.fleet,
-                                       failure_for(name, failures))
+            more = group_machines(self.s.kind, g, by_group.get(name, []), self.fleet,
+                                  failure_for(name, failures))
+            machines += more
+            of_group.setdefault(name, []).extend(more)
+        self._broken = broken(of_group)
+        self._ready = any(m.phase == READY for m in machines)
         return sorted(machines, key=lambda m: m.id)
 
     def _failures(self) -> dict[str, str]:

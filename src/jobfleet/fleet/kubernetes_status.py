@@ -187,3 +187,9 @@ def failure_for(group: str, failures: Mapping[str, str]) -> str | None:
         if name.startswith(group + "-"):
             return message
     return None
+
+
+def broken(by_group: Mapping[str, Sequence[Machine]]) -> dict[str, str]:
+    """Groups whose every worker failed -> the last one's reason."""
+    return {group: str(ms[-1].reason) for group, ms in by_group.items()
+            if group and ms and all(m.phase == FAILED for m in ms)}
