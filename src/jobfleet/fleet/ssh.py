@@ -106,16 +106,19 @@ class SshProvider(Provider):
         return self._remotes[host.key]
 
     # -- machines -----------------------------------------------------------------------------
-    def _set(self, machine_id: str, notify: bool = True, **changes: Any) -> Machine:
+    def _set(self, machine_id: str, **changes: Any) -> Machine:
+        """Change a machine this process launched, and say so."""
         with self._lock:
             machine = dataclasses.replace(self._machines[machine_id], **changes)
             self._machines[machine_id] = machine
-        if notify:
-            try:
-                self.on_change(machine)
-            except Exception:  # a broken listener must not stop a bootstrap
-                log.exception("on_change failed for %s", machine_id)
+        self._notify(machine)
         return machine
+
+    def _notify(self, machine: Machine) -> None:
+        try:
+            self.on_change(machine)
+        except Exception:  # a broken listener must not stop a bootstrap, or a list
+            log.exception("on_change failed for %s", machine.id)
 
     def _place(self) -> Host | None:
         """The next host with room, round robin; None when none has."""
@@ -238,7 +241,7 @@ class SshProvider(Provider):
                     if changed:
                         self._machines[machine.id] = machine
             if changed:
-                self.on_change(machine)
+                self._notify(machine)
             machines.append(machine)
         return machines
 
