@@ -419,6 +419,27 @@ def test_gateway_workers_get_the_server_and_token_not_the_store(cluster: FakeClu
     assert down(p, wait=10) == [] and nothing_left(cluster)
 
 
+def test_no_cluster_to_talk_to_is_a_config_error(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(ConfigError) as e:
+        provider_named("kubernetes", "kf", {"image": "jobfleet:0.1.0"})
+    assert "no cluster to talk to" in e.value.message and "kubeconfig" in str(e.value.hint)
+    # in a pod without its service account's token
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    with pytest.raises(ConfigError) as e:
+        provider_named("kubernetes", "kf", {"image": "jobfleet:0.1.0"})
+    assert "cannot load the cluster's settings" in e.value.message
+    with pytest.raises(ConfigError) as e:  # a context the kubeconfig does not have
+        provider_named("kubernetes", "kf", {"image": "jobfleet:0.1.0", "context": "nope",
+                                            "kubeconfig": str(FakeCluster().kubeconfig(
+                                                tmp_path / "kubeconfig"))})
+    assert "context 'nope'" in e.value.message
+
+
 def test_refusals_say_what_to_do(cluster: FakeCluster, tmp_path: Path) -> None:
     cluster.rules = set()  # an account with no Role
     p = open_provider(cluster, tmp_path)
