@@ -203,11 +203,8 @@ def connect_worker(s: Settings, server: str | None, token_file: str | None,
             raise ConfigError("--token-file and --ca-file go with --server URL",
                               hint="give --server (or JOBFLEET_SERVER), or leave them out")
         return connect(s)
-    import logging
-
     from jobfleet.gateway import connect as connect_gateway
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     found = connect_gateway(server, token_file=token_file, ca_file=ca_file)
     os.environ.pop("JOBFLEET_TOKEN", None)  # read: no job sees it, even with --inherit-env
     return found

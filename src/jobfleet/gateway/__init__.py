@@ -2,8 +2,8 @@
 side that workers (`jobfleet worker --server URL --token-file FILE`) and clients use instead
 of database credentials.
 
-- `connect(url, ...)`: a `GatewayStore` and a `GatewayBlobs` that speak to a server
-  (needs httpx: the `gateway` extra).
+- `connect(url, ...)`: a `GatewayStore` and a `GatewayBlobs` that speak to a server (with
+  the standard library only: a worker needs no extra package).
 - `jobfleet.gateway.server.create_server`: the server's app (needs the `dashboard` extra).
 - `jobfleet.gateway.tokens`: what tokens are and which roles there are.
 """

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -65,6 +66,8 @@ class Gate:
     dashboard_token: Token | None = None
     _principals: dict[str, tuple[Principal | None, float]] = field(default_factory=dict)
     _bound: set[tuple[str, str]] = field(default_factory=set)
+    #: the leases (key, token) this server handed to each worker and that are not reported yet
+    _handed: dict[str, set[tuple[int, str]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def store(self) -> Store:
@@ -118,6 +121,38 @@ class Gate:
                           " cannot report for it", "give each worker its own id (--id)")
         with self._lock:
             self._bound.add((worker_id, p.token_id))
+
+    def handed(self, worker_id: str, leases: Iterable[tuple[int, str]],
+               gone: Iterable[tuple[int, str]] = ()) -> None:
+        """Note leases handed to a worker, and those it has reported on (`gone`)."""
+        with self._lock:
+            if len(self._handed) > 100_000:  # workers that died holding leases: forget them
+                self._handed.clear()  # (the store is asked instead)
+            held = self._handed.setdefault(worker_id, set())
+            held.difference_update(gone)
+            held.update(leases)
+            if not held:
+                del self._handed[worker_id]
+
+    def forget_handed(self, worker_id: str) -> None:
+        with self._lock:
+            self._handed.pop(worker_id, None)
+
+    def theirs(self, p: Principal, worker_id: str,
+               leases: Iterable[tuple[int, str]]) -> set[tuple[int, str]]:
+        """The leases (key, token) a worker token names without holding them: not handed to
+        its worker here, and (asked when not known here, as after a restart) not running on
+        it in the store. An admin may name any."""
+        if p.role == ADMIN:
+            return set()
+        with self._lock:
+            unknown = set(leases) - self._handed.get(worker_id, set())
+        if unknown:
+            running = self.db.running_on(worker_id)
+            found = {x for x in unknown if x[0] in running}
+            self.handed(worker_id, found)
+            unknown -= found
+        return unknown
 
     def worker_run(self, p: Principal, run_id: str | None) -> str | None:
         """The run a worker may lease from: its token's, when it names one."""

@@ -7,7 +7,6 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote
 
 from jobfleet.blobs.base import Blobs, LogWriter
 from jobfleet.blobs.local import PARTIAL
@@ -27,7 +26,7 @@ class GatewayBlobs(Blobs):
 
     @staticmethod
     def _path(key: str) -> str:
-        return "/v1/blobs/" + quote(key.strip("/"))
+        return "/v1/blobs/" + key.strip("/")  # quoted by the session
 
     def log_writer(self, key: str) -> LogWriter:
         return GatewayLogWriter(self._s, self._logs, key)

@@ -1,6 +1,6 @@
-"""The gateway's routes: /v1/worker (lease, exchange, heartbeat, finish, logs, waiting for work),
-/v1/client (submit, runs, jobs, results, cancel, retry) and /v1/blobs; each checks its token
-(see access.py) before it touches the store."""
+"""The gateway's FastAPI routes: /v1/client (submit, runs, jobs, results, cancel, retry) and
+/v1/blobs; each checks its token (see access.py) before it touches the store. The worker's
+side, /v1/worker, is worker_api.py's."""
 
 from __future__ import annotations
 
@@ -12,20 +12,17 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from jobfleet.blobs import Blobs, LocalBlobs
+from jobfleet.blobs import Blobs
 from jobfleet.errors import NotFound
 from jobfleet.gateway import wire
-from jobfleet.gateway.access import BadRequest, Gate, Refused, bearer
+from jobfleet.gateway.access import Gate, Refused, bearer
 from jobfleet.gateway.tokens import ADMIN, WORKER, Principal
 from jobfleet.spec.model import JobSpec
-from jobfleet.store import UNSTARTED, Lease, Outcome, Store, state_filter
+from jobfleet.store import Store, state_filter
 
 Json = Annotated[dict[str, Any], Body()]
-worker = APIRouter(prefix="/v1/worker", tags=["worker"])
 client = APIRouter(prefix="/v1/client", tags=["client"])
 blobs = APIRouter(prefix="/v1/blobs", tags=["blobs"])
-#: the longest lease a worker may ask for, seconds
-_LONGEST_LEASE = 7 * 24 * 3600.0
 
 
 def _ok(value: Any) -> Response:
@@ -39,209 +36,6 @@ def _who(request: Request) -> tuple[Gate, Principal]:
 
 def _retrying(request: Request) -> bool:
     return bool(request.headers.get(wire.RETRY_HEADER))
-
-
-# -- the worker's side ------------------------------------------------------------------------
-def _as_worker(request: Request, body: dict[str, Any]) -> tuple[Gate, Principal, str, list[Any]]:
-    """The gate, who asks, for which worker id, and the log chunks it sent (stored first)."""
-    gate, p = _who(request)
-    worker_id = str(body["worker"])
-    gate.worker(p, worker_id)
-    return gate, p, worker_id, _store_logs(gate, p, body.get("logs") or [])
-
-
-def _store_logs(gate: Gate, p: Principal, chunks: list[dict[str, Any]]) -> list[Any]:
-    """Write each log chunk where it goes (its offset: a chunk sent twice is stored once);
-    returns those refused, with why."""
-    refused = []
-    for chunk in chunks:
-        key = str(chunk["key"])
-        try:
-            if not key.startswith("logs/"):
-                raise Refused(f"{key} is not a log")
-            gate.blob(p, key, write=True)
-        except Refused as e:
-            refused.append({"key": key, "why": e.message})
-            continue
-        write_chunk(gate.blobs, key, int(chunk["offset"]), int(chunk["number"]),
-                    wire.unb64(chunk["data"]) or b"")
-    return refused
-
-
-def write_chunk(store: object, key: str, offset: int, number: int, data: bytes) -> None:
-    """Store one chunk of a log: at its offset in a local file, or as chunk `number` of a log
-    in an object store (see blobs.remote)."""
-    if isinstance(store, LocalBlobs):
-        path = store.local_path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.pwrite(fd, view, offset)
-                view, offset = view[n:], offset + n
-        finally:
-            os.close(fd)
-        return
-    from jobfleet.blobs.remote import FsspecBlobs
-
-    if not isinstance(store, FsspecBlobs):
-        raise BadRequest(f"the blob store {getattr(store, 'url', store)} cannot take logs in"
-                         " pieces")
-    store.put_chunk(key, number, data)
-
-
-def _answer(refused: list[Any], **fields: Any) -> Response:
-    return _ok({**fields, "logs_refused": refused} if refused else fields)
-
-
-def _lease_args(gate: Gate, p: Principal, body: dict[str, Any]) -> dict[str, Any]:
-    seconds = float(body["lease_seconds"])
-    if not 0 < seconds <= _LONGEST_LEASE:
-        raise BadRequest(f"lease_seconds {seconds:g} is out of range",
-                         f"ask for more than 0 and at most {_LONGEST_LEASE:g} seconds")
-    free = wire.capacity_of(body["free"])
-    assert free is not None
-    return {"free": free, "lease_seconds": seconds, "run_id": gate.worker_run(p, body.get("run")),
-            "ahead": wire.capacity_of(body.get("ahead"))}
-
-
-def _lost_leases(gate: Gate, worker_id: str, held: list[Any]) -> list[Lease]:
-    """After a lost answer: the leases the worker holds in the store but does not know of."""
-    known = {(int(k), str(t)) for k, t in held}
-    return [x for x in gate.db.held(worker_id) if (x.key, x.token) not in known]
-
-
-def _theirs(gate: Gate, p: Principal, worker_id: str, keys: list[int]) -> set[int]:
-    """Which of `keys` a worker token reports on without running them (an admin may)."""
-    if p.role == ADMIN or not keys:
-        return set()
-    return set(keys) - gate.db.running_on(worker_id)
-
-
-def _finish(gate: Gate, p: Principal, worker_id: str, outcomes: list[Outcome],
-            retrying: bool) -> list[int]:
-    """Record outcomes of the worker's own jobs (the others are stale, like a stale token);
-    after a lost answer, one the first try recorded is not called stale."""
-    store = gate.store()
-    theirs = _theirs(gate, p, worker_id, [o.key for o in outcomes])
-    mine = [o for o in outcomes if o.key not in theirs]
-    stale = set(store.finish(worker_id, mine) if mine else []) | theirs
-    if retrying and stale:
-        by_key = {o.key: o for o in outcomes}
-        stale = {k for k in stale if by_key[k].status == UNSTARTED or not any(
-            a.worker_id == worker_id and a.state == by_key[k].status
-            for a in store.attempts(k))}
-    return [o.key for o in outcomes if o.key in stale]
-
-
-@worker.post("/register", summary="A worker starts: its id is bound to this token")
-def register(request: Request, body: Json) -> Response:
-    gate, p = _who(request)
-    info = wire.worker_of(body["worker"])
-    gate.worker(p, info.id, register=True)
-    refused = _store_logs(gate, p, body.get("logs") or [])
-    run_id = gate.worker_run(p, info.run_id)
-    if run_id != info.run_id:
-        info = wire.worker_of({**wire.record_json(info), "run_id": run_id})
-    gate.store().register_worker(info)
-    return _answer(refused)
-
-
-@worker.post("/state", summary="A worker's state: draining, stopped")
-def worker_state(request: Request, body: Json) -> Response:
-    gate, _, worker_id, refused = _as_worker(request, body)
-    gate.store().set_worker_state(worker_id, str(body["state"]), body.get("jobs_done"))
-    return _answer(refused)
-
-
-@worker.post("/lease", summary="Lease jobs that fit")
-def lease(request: Request, body: Json) -> Response:
-    gate, p, worker_id, refused = _as_worker(request, body)
-    args = _lease_args(gate, p, body)
-    leases = _lost_leases(gate, worker_id, body.get("held") or []) if _retrying(request) else []
-    leases = leases or gate.store().lease(worker_id, **args)
-    return _answer(refused, leases=[wire.lease_json(x) for x in leases])
-
-
-@worker.post("/exchange", summary="Report outcomes and lease more, in one transaction")
-def exchange(request: Request, body: Json) -> Response:
-    gate, p, worker_id, refused = _as_worker(request, body)
-    outcomes = [wire.outcome_of(o) for o in body["outcomes"]]
-    args = _lease_args(gate, p, body)
-    store = gate.store()
-    theirs = _theirs(gate, p, worker_id, [o.key for o in outcomes])
-    if _retrying(request) or theirs:
-        stale = _finish(gate, p, worker_id, outcomes, _retrying(request))
-        leases = _lost_leases(gate, worker_id, body.get("held") or []) \
-            if _retrying(request) else []
-        leases = leases or store.lease(worker_id, **args)
-    else:
-        stale, leases = store.exchange(worker_id, outcomes, args["free"], args["lease_seconds"],
-                                       args["run_id"], args["ahead"])
-    return _answer(refused, stale=stale, leases=[wire.lease_json(x) for x in leases])
-
-
-@worker.post("/finish", summary="Report outcomes (fenced by their lease tokens)")
-def finish(request: Request, body: Json) -> Response:
-    gate, p, worker_id, refused = _as_worker(request, body)
-    outcomes = [wire.outcome_of(o) for o in body["outcomes"]]
-    stale = _finish(gate, p, worker_id, outcomes, _retrying(request)) if outcomes else []
-    return _answer(refused, stale=stale)
-
-
-@worker.post("/heartbeat", summary="Extend leases; hear of lost ones and cancels")
-def heartbeat(request: Request, body: Json) -> Response:
-    gate, p, worker_id, refused = _as_worker(request, body)
-    held = [(int(k), str(t)) for k, t in body["leases"]]
-    theirs = _theirs(gate, p, worker_id, [k for k, _ in held])
-    beat = gate.store().heartbeat(worker_id, [x for x in held if x[0] not in theirs],
-                                  float(body["lease_seconds"]), body.get("jobs_done"))
-    return _answer(refused, lost=sorted(beat.lost | theirs), cancel=sorted(beat.cancel))
-
-
-@worker.post("/stalled", summary="A running job made no progress (or moves again)")
-def stalled(request: Request, body: Json) -> Response:
-    gate, p, worker_id, refused = _as_worker(request, body)
-    quiet, key = body.get("quiet_for"), int(body["key"])
-    held = not _theirs(gate, p, worker_id, [key]) and gate.store().mark_stalled(
-        worker_id, key, str(body["token"]), None if quiet is None else float(quiet))
-    return _answer(refused, held=held)
-
-
-@worker.get("/cancels", summary="Running jobs of this worker that a user cancelled")
-def cancels(request: Request, worker: str) -> Response:
-    gate, p = _who(request)
-    gate.worker(p, worker)
-    return _ok({"cancel": sorted(gate.store().cancel_requests(worker))})
-
-
-@worker.post("/next_due", summary="When the next queued job that fits becomes ready")
-def next_due(request: Request, body: Json) -> Response:
-    gate, p = _who(request)
-    gate.worker_role(p)
-    total = wire.capacity_of(body["total"])
-    assert total is not None
-    return _ok({"due": gate.store().next_due(total, gate.worker_run(p, body.get("run")))})
-
-
-@worker.post("/logs", summary="Chunks of running jobs' logs")
-def logs(request: Request, body: Json) -> Response:
-    gate, p = _who(request)
-    gate.worker_role(p)
-    return _answer(_store_logs(gate, p, body.get("logs") or []))
-
-
-@worker.get("/wait", summary="Wait (up to `timeout` s) for news of work past `since`")
-async def wait(request: Request, since: int, timeout: float = 0.0) -> Response:
-    gate: Gate = request.app.state.gate
-    p = await run_in_threadpool(gate.principal, bearer(request))
-    gate.worker_role(p)
-    from jobfleet.gateway.server import WorkAnnouncer
-
-    announcer = gate.announcer
-    assert isinstance(announcer, WorkAnnouncer)
-    return _ok({"generation": await announcer.wait(since, min(max(timeout, 0.0), 60.0))})
 
 
 # -- the client's side ------------------------------------------------------------------------

@@ -22,13 +22,11 @@ from fastapi.responses import JSONResponse
 
 from jobfleet.blobs import open_blobs
 from jobfleet.dashboard.access import StorePerThread, Token
-from jobfleet.errors import ConfigError, JobfleetError, NotFound, SpecError
+from jobfleet.errors import JobfleetError
 from jobfleet.gateway.access import BadRequest, Gate, Refused
 from jobfleet.gateway.db import gateway_db
+from jobfleet.gateway.worker_api import WorkerAPI, error_answer
 from jobfleet.store import Store, open_store
-
-#: a store failing with one of these is away for now: the client tries again (HTTP 503)
-_AWAY = ("lost the connection", "cannot connect", "could not get it back")
 
 
 class WorkAnnouncer:
@@ -37,6 +35,7 @@ class WorkAnnouncer:
 
     def __init__(self, opener: Callable[[], Store]) -> None:
         self.generation = 0
+        self._waiting = 0  # requests waiting now (changed in the event loop's thread only)
         self._open = opener
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
@@ -64,6 +63,7 @@ class WorkAnnouncer:
                     self._bump()
                 elif time.monotonic() - started < 4.9 and not self._stopping:
                     self._bump()
+                    time.sleep(0.002)  # a burst of writes (SQLite: each commit) is one bump
             except Exception:  # noqa: BLE001  (the store is away: try again in a moment)
                 if store is not None:
                     with contextlib.suppress(Exception):
@@ -76,7 +76,7 @@ class WorkAnnouncer:
     def _bump(self) -> None:
         self.generation += 1
         loop = self._loop
-        if loop is not None:
+        if loop is not None and self._waiting:  # no one waits while workers are busy
             with contextlib.suppress(RuntimeError):  # the loop is closed: we are stopping
                 loop.call_soon_threadsafe(self._fire)
 
@@ -91,9 +91,13 @@ class WorkAnnouncer:
             self._loop = asyncio.get_running_loop()
         if self._event is None:
             self._event = asyncio.Event()
-        if self.generation == since and timeout > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._event.wait(), timeout)
+        self._waiting += 1  # before looking: a bump now either is seen or wakes us
+        try:
+            if self.generation == since and timeout > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._event.wait(), timeout)
+        finally:
+            self._waiting -= 1
         return self.generation
 
     def stop(self) -> None:
@@ -105,11 +109,13 @@ class WorkAnnouncer:
 
 def create_server(store_url: str, blobs_url: str, *, opener: Callable[[str], Store] | None = None,
                   dashboard: bool = True, dashboard_token: str | None = None,
-                  protect_reads: bool = True) -> FastAPI:
+                  protect_reads: bool = True) -> WorkerAPI:
     """The server for the store at `store_url` and the blobs at `blobs_url`.
 
     `opener` opens the store (default `open_store`; tests pass one with their clock). With
     `dashboard`, the dashboard's pages and API are served too, behind `dashboard_token`.
+    Returns the ASGI app: the worker's routes (worker_api.py) in front of a FastAPI app (its
+    `.app`) with the client's and the blobs' routes and the dashboard.
     """
     from jobfleet.gateway import routes
 
@@ -137,31 +143,18 @@ def create_server(store_url: str, blobs_url: str, *, opener: Callable[[str], Sto
                   summary="The worker gateway (/v1) and the dashboard of one jobfleet store.",
                   lifespan=lifespan)
     app.state.gate = gate
-    app.include_router(routes.worker)
     app.include_router(routes.client)
     app.include_router(routes.blobs)
 
     @app.exception_handler(Refused)
-    async def refused(request: Request, e: Refused) -> JSONResponse:
-        return JSONResponse({"detail": e.message, "hint": e.hint}, status_code=e.status)
-
     @app.exception_handler(BadRequest)
-    async def bad(request: Request, e: BadRequest) -> JSONResponse:
-        return JSONResponse({"detail": e.message, "hint": e.hint}, status_code=400)
-
     @app.exception_handler(JobfleetError)
-    async def failed(request: Request, e: JobfleetError) -> JSONResponse:
-        status = 404 if isinstance(e, NotFound) else 400 if isinstance(
-            e, SpecError | ConfigError) else 503 if e.message.startswith(_AWAY) else 400
-        return JSONResponse({"detail": e.message, "hint": e.hint}, status_code=status)
-
     @app.exception_handler(KeyError)
     @app.exception_handler(TypeError)
     @app.exception_handler(ValueError)
-    async def malformed(request: Request, e: Exception) -> JSONResponse:
-        return JSONResponse({"detail": f"malformed request: {type(e).__name__}: {e}",
-                             "hint": "a jobfleet worker or client of the same version as the"
-                                     " server sends well-formed requests"}, status_code=400)
+    async def refused(request: Request, e: Exception) -> JSONResponse:
+        status, body = error_answer(e)
+        return JSONResponse(body, status_code=status)
 
     sub: Any = None
     if dashboard:
@@ -169,4 +162,4 @@ def create_server(store_url: str, blobs_url: str, *, opener: Callable[[str], Sto
 
         sub = create_app(store_url, blobs_url, dashboard_token, protect_reads=protect_reads)
         app.mount("/", sub)
-    return app
+    return WorkerAPI(app, gate)
