@@ -3,6 +3,7 @@ this machine, started, scaled and stopped by the autoscaler, `run --provider` an
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -138,3 +139,21 @@ def test_fleet_up_status_down(jf: Jobfleet, cache: Path) -> None:
                                      check=0).stdout
     assert time.monotonic() - start < 20  # idle workers drain at once
     assert not pids_with(T5 + "-")
+
+
+def test_a_job_from_a_folder_this_machine_lacks_runs_in_its_workspace(
+        jf: Jobfleet, tmp_path: Path) -> None:
+    """A remote worker has no copy of the folder the run was submitted from: its jobs run in
+    their own workspace instead of failing; a folder that exists is still used."""
+    gone = tmp_path / "on-another-machine"
+    gone.mkdir()
+    (gone / "jobs.csv").write_text("command\npwd\n")
+    p = jf("submit", "jobs.csv", "--json", cwd=gone, check=0)
+    run = json.loads(p.stdout)["run"]
+    gone.joinpath("jobs.csv").unlink()
+    gone.rmdir()
+    jf("worker", "--run", run, "--idle-exit", "0.5", check=0)
+    (job,) = jf.jobs(run).values()
+    assert job["state"] == "succeeded", job
+    ran_in = jf.log(run, 1).strip()
+    assert ran_in != str(gone) and Path(ran_in).name.startswith("a")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
@@ -39,6 +40,10 @@ MaxWorkersOpt = Annotated[int | None, typer.Option(
     "--max-workers", help="At most this many workers (default 4).")]
 KeepAliveOpt = Annotated[bool | None, typer.Option(
     "--keep-alive", help="Leave workers running when the work is done (debugging).")]
+
+
+#: variables of the controller's environment that workers get too
+_PASSED_ON = ("PGPASSWORD", "PGSSLMODE", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +84,14 @@ def launch_spec(fs: FleetSettings, s: Settings, db: Store, blobs: Blobs,
     from jobfleet.fleet import LaunchSpec
 
     lease = s.lease_seconds if s.sources.get("lease_seconds") != "default" else None
+    env = {"JOBFLEET_STORE": db.location, "JOBFLEET_BLOBS": blobs.location}
+    # what libpq reads besides the URL (a password kept out of it, TLS files) goes along, in
+    # the environment; cloud credentials do not: workers get their own (a role, the host's)
+    env.update({k: v for k, v in os.environ.items() if k in _PASSED_ON})
     return LaunchSpec(
         fleet=fs.name, run_id=run_id, slots=fs.slots or s.slots,
         idle_exit=fs.idle_exit if idle_exit is None else idle_exit, lease_seconds=lease,
-        env={"JOBFLEET_STORE": db.location, "JOBFLEET_BLOBS": blobs.location},
-        version=__version__)
+        env=env, version=__version__)
 
 
 def warn_if_unreachable(fs: FleetSettings, db: Store, blobs: Blobs) -> None:

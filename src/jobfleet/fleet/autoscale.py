@@ -102,7 +102,15 @@ class Autoscaler:
         demand = self.store.demand(self.spec.run_id)
         step = Step(workers_needed(demand, self.spec, self.max_workers), self.provider.list(),
                     spent=spent)
+        room = self.provider.capacity()
+        if room is not None:
+            step.wanted = min(step.wanted, room)
         live = step.live
+        if room == 0 and demand.jobs and not live:
+            raise FleetError(f"{self.provider.name} has no room left for any worker: "
+                             + ("; ".join(f"{m.host or m.id}: {m.reason}" for m in step.failed)
+                                or "none of its places is usable"),
+                             hint="jobfleet fleet status shows each one's log")
         self._billing = len(live)
         step.stopped = self._over_a_cap(len(live), step.wanted)
         if step.stopped:

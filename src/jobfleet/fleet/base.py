@@ -146,6 +146,11 @@ class Provider(abc.ABC):
     def describe(self) -> dict[str, object]:
         """What this provider is and where it starts workers (no secrets), for status."""
 
+    def capacity(self) -> int | None:
+        """The most workers this provider can hold at once now (hosts left times workers per
+        host, say); None: no limit of its own. The autoscaler wants no more."""
+        return None
+
     def close(self) -> None:  # noqa: B027 (an optional hook)
         """Let go of connections; machines keep running."""
 

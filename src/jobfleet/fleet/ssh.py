@@ -153,6 +153,10 @@ class SshProvider(Provider):
             self._submit(self._start_bootstrap(machine.id, host, worker_id, spec))
         return launched
 
+    def capacity(self) -> int | None:
+        with self._lock:
+            return (len(self.hosts) - len(self._given_up)) * self.workers_per_host
+
     def _no_room(self) -> str:
         if len(self._given_up) == len(self.hosts):
             return "no host left: every host failed its bootstrap (see jobfleet fleet status)"

@@ -188,6 +188,7 @@ class Worker:
         self._call_env = {os.fsdecode(k): os.fsdecode(v) for k, v in base_env(
             os.environ, inherit=o.inherit_env, allowed=ALLOWED_PYTHON).items()}
         self._cwd = os.getcwd()
+        self._run_dirs: dict[str, bool] = {}  # a run's folder: is it on this machine?
         # warm interpreters for Python calls: idle ones by folder, busy ones by pid
         self._idle: dict[str, list[Runner]] = {}
         self._busy: dict[int, _Running] = {}
@@ -489,8 +490,17 @@ class Worker:
             self._ready = deque(x for x in self._ready if keys is not None and x.key not in keys)
 
     def _workdir(self, lease: Lease) -> str | None:
-        """The job's working directory when it has one (its own, or its run's)."""
+        """The job's working directory when it has one: its own, or its run's (the folder it
+        was submitted from) when that folder is on this machine too. A job from another
+        machine's folder runs in its workspace; a relative `workdir` is then taken from this
+        worker's folder."""
         base = lease.run_workdir
+        if base is not None:
+            here = self._run_dirs.get(base)
+            if here is None:
+                here = self._run_dirs[base] = os.path.isdir(base)
+            if not here:
+                base = None
         wd = lease.spec.workdir
         if not wd:
             return base
