@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import inspect
 import json
+import os
 import re
 import secrets
 from collections.abc import Iterator
@@ -33,7 +34,13 @@ from jobfleet.fleet import FAILED, LAUNCHING, LIVE, READY, STOPPED, LaunchSpec, 
 from jobfleet.fleet.autoscale import down
 from kube_api import FakeCluster, LocalKubelet, running, terminated, unschedulable, waiting
 
-kubernetes = pytest.importorskip("kubernetes", reason="the kubernetes extra is not installed")
+try:
+    import kubernetes
+except ImportError:  # in CI the dev extra installs it: a missing client is a failure there
+    if os.environ.get("CI"):
+        raise
+    pytest.skip("the kubernetes client is not installed (pip install -e '.[dev]')",
+                allow_module_level=True)
 from jobfleet.fleet.kubernetes import KubernetesError, KubernetesProvider  # noqa: E402
 from jobfleet.fleet.kubernetes_manifests import (  # noqa: E402
     deployment_manifest,
