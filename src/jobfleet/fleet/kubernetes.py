@@ -298,6 +298,8 @@ class KubernetesProvider(Provider):
                         for cs in pod.get("status", {}).get("containerStatuses") or []] or [0])
         key = (meta.get("uid") or meta["name"], "previous" if previous else "current", restarts)
         if key not in self._logs:
+            if len(self._logs) > 1000:  # pods long gone
+                self._logs.clear()
             try:
                 text = self._call(f"read the log of pod {meta['name']}",
                                   self.core.read_namespaced_pod_log, meta["name"],
