@@ -89,6 +89,7 @@ class Report:
     losses: int = 0
     duplicates: int = 0
     missing_logs: int = 0
+    lost_output: int = 0  # lost attempts that ran (their side effect is there) but left no log
     leftover_processes: int = 0
     unexpected_exits: int = 0  # workers that ended by themselves before the end
     integrity: str | None = None  # SQLite's integrity_check
@@ -420,6 +421,10 @@ class Soak:
         for a in attempts:
             if a.state == "lost":
                 r.lost_attempts += 1
+                log = self.blobs / "logs" / job.run_id / f"{job.seq}-{a.number}.log"
+                if effects[a.number] and not log.exists():
+                    # its output was still in the pipe when its worker was killed: it is lost
+                    r.lost_output += 1
                 if a.worker_id not in self.killed:
                     r.lost_not_killed += 1
                     r.problem(f"job {job.id} attempt {a.number} lost by {a.worker_id},"
@@ -476,7 +481,8 @@ def table(r: Report) -> str:
         ("server restarts", r.restarts), ("job states", r.states),
         ("attempts", f"{r.attempts} ({r.lost_attempts} lost)"),
         ("re-executions", r.reexecutions), ("losses", r.losses), ("duplicates", r.duplicates),
-        ("missing logs", r.missing_logs), ("processes left", r.leftover_processes),
+        ("missing logs", f"{r.missing_logs} (lost attempts that ran with no log: {r.lost_output})"),
+        ("processes left", r.leftover_processes),
         ("unexpected exits", r.unexpected_exits),
         ("integrity_check", r.integrity or "-"),
     ]
