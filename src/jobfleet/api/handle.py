@@ -46,7 +46,9 @@ class StillRunning(JobfleetError):
 
 def connect(store: str | None, blobs: str | None) -> tuple[Store, Blobs]:
     s = load_settings({"store": store, "blobs": blobs})
-    return open_store(s.store), open_blobs(s.blobs)
+    db = open_store(s.store)
+    paired: Blobs | None = getattr(db, "blobs", None)  # a `jobfleet server`'s own blob store
+    return db, paired or open_blobs(s.blobs)
 
 
 def start_worker(store: Store, blobs: Blobs, run_id: str, slots: int) -> subprocess.Popen[bytes]:

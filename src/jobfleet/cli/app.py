@@ -51,7 +51,9 @@ def worker_options(s: Settings, **decided: Any) -> WorkerOptions:
 
 
 def connect(s: Settings) -> tuple[Store, Blobs]:
-    return open_store(s.store), open_blobs(s.blobs)
+    db = open_store(s.store)
+    paired: Blobs | None = getattr(db, "blobs", None)  # a `jobfleet server`'s own blob store
+    return db, paired or open_blobs(s.blobs)
 
 
 def connect_store(s: Settings) -> Store:

@@ -30,7 +30,9 @@ def connect(url: str, *, token_file: str | None = None, token: str | None = None
 
     session = Session(url, read_token(token_file, token), ca_file=ca_file, retry_for=retry_for)
     logs = PendingLogs()
-    return GatewayStore(session, logs), GatewayBlobs(session, logs)
+    store, blobs = GatewayStore(session, logs), GatewayBlobs(session, logs)
+    store.blobs = blobs
+    return store, blobs
 
 
 __all__ = ["connect"]

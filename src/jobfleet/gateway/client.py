@@ -14,6 +14,7 @@ import http.client
 import json as jsonlib
 import logging
 import os
+import socket
 import ssl
 import threading
 import time
@@ -187,6 +188,12 @@ class Session:
                 if isinstance(e, ssl.SSLError) and (hint := _tls_problem(e)):
                     raise StoreError(f"TLS with the jobfleet server {self.url} failed: {e}",
                                      hint=hint) from None
+                if not tries and self._tls is None and isinstance(
+                        e, http.client.RemoteDisconnected | ConnectionResetError) \
+                        and _speaks_tls(self._host, self._port):
+                    https = "https" + self.url.removeprefix("http")
+                    raise StoreError(f"the jobfleet server {self.url} speaks TLS",
+                                     hint=f"use https:// in the URL: {https}") from None
                 why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             if not retry or self._closed.is_set():
                 raise StoreError(f"cannot reach the jobfleet server {self.url}: {why}",
@@ -257,3 +264,15 @@ def _tls_problem(e: ssl.SSLError) -> str | None:
     if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text:
         return "the server does not speak TLS there: use http:// or start it with --cert/--key"
     return None
+
+
+def _speaks_tls(host: str, port: int) -> bool:
+    """Whether a TLS handshake (unverified: only the protocol is asked) succeeds there."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=5) as raw, \
+                context.wrap_socket(raw, server_hostname=host):
+            return True
+    except OSError:
+        return False

@@ -195,11 +195,12 @@ def events(request: Request, run: str | None = None, job: int | None = None) -> 
     return _ok({"events": [wire.record_json(e) for e in gate.store().events(run, job)]})
 
 
-@client.get("/workers", summary="Every worker (admin only)")
+@client.get("/workers", summary="Every worker: host, slots, state, heartbeats (not workers)")
 def workers(request: Request) -> Response:
+    """What `jobfleet workers` and `explain` show a client; a worker token sees no fleet."""
     gate, p = _who(request)
-    if p.role != ADMIN:
-        raise Refused(f"a {p.role} token cannot list the workers", "use an admin token")
+    if p.role == WORKER:
+        raise Refused("a worker token cannot list the workers", "use a client or admin token")
     return _ok({"workers": [wire.record_json(w) for w in gate.store().workers()]})
 
 

@@ -19,7 +19,8 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from jobfleet.errors import JobfleetError, StoreError
+from jobfleet.blobs import Blobs
+from jobfleet.errors import JobfleetError, NotFound, StoreError
 from jobfleet.gateway import wire
 from jobfleet.gateway.client import Session
 from jobfleet.gateway.logs import PendingLogs, report_refused
@@ -59,6 +60,8 @@ class GatewayStore(Store):
         self._pool: ThreadPoolExecutor | None = None
         self._ready_r, self._ready_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._lock = threading.Lock()
+        #: the server's blob store, through the same connection (set by `gateway.connect`)
+        self.blobs: Blobs | None = None
 
     # -- the worker's side ------------------------------------------------------------------
     def _post(self, path: str, body: dict[str, Any]) -> Any:
@@ -219,6 +222,14 @@ class GatewayStore(Store):
     def _get(self, path: str, **params: Any) -> Any:
         return self._s.json("GET", f"/v1/client/{path}",
                             params={k: v for k, v in params.items() if v is not None})
+
+    def run(self, ref: str) -> Run:
+        try:
+            return super().run(ref)
+        except NotFound as e:
+            raise NotFound(e.message, hint="through a server, a client token sees only the runs"
+                                           " it submitted (and an admin token every run);"
+                                           " `jobfleet runs` lists them") from None
 
     def runs(self, limit: int = 50) -> list[Run]:
         return [wire.run_of(r) for r in self._get("runs", limit=limit)["runs"]]
