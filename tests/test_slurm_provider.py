@@ -9,6 +9,7 @@ import os
 import secrets
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,17 @@ def provider(tmp_path: Path, **settings: object) -> Any:
     return p
 
 
+def just_started(db: Any, run: str, worker: str | None = None,
+                 since: float = 0.0) -> tuple[str, str] | None:
+    """(job id, worker id) of a job of `run` (on `worker`) that started `since` seconds ago
+    and under a second ago: a 2-second job sure to be still running when it is killed."""
+    for job in db.jobs(run, state="running"):
+        age = time.time() - (job.started_at or 0.0)
+        if job.worker_id and since <= age < 1.0 and worker in (None, job.worker_id):
+            return job.id, job.worker_id
+    return None
+
+
 def phases(p: Any) -> dict[str, str]:
     return {m.id: m.phase for m in p.list()}
 
@@ -112,7 +124,7 @@ def test_workers_finish_a_run_while_one_is_cancelled_mid_job(
         slurm: SlurmCluster, store: Store, jf: Jobfleet, tmp_path: Path,  # noqa: F811
         command_lines: CommandLines) -> None:
     write_csv(tmp_path / "jobs.csv", ["command", "n", "max_attempts"],
-              [["sleep 2; echo job {n}", i, 3] for i in range(1, JOBS + 1)])
+              [["sleep 2 && echo job {n}", i, 3] for i in range(1, JOBS + 1)])
     jf.env["JOBFLEET_STORE"] = store.url
     run = jf.submit("jobs.csv")
     p = provider(tmp_path)
@@ -127,11 +139,8 @@ def test_workers_finish_a_run_while_one_is_cancelled_mid_job(
     from jobfleet.store import open_store
 
     with open_store(store.url) as db:
-        def busy(worker: str) -> bool:
-            return any(j.worker_id == worker for j in db.jobs(run, state="running"))
-
-        wait_for(lambda: busy(str(first.worker_id)), 30, interval=0.1,
-                 what="the first worker to run a job")
+        held, _ = wait_for(lambda: just_started(db, run, first.worker_id), 30, interval=0.05,
+                           what="the first worker to start a job")
         assert phases(p)[first.id] == READY
         # SIGKILL to the worker alone: it dies with a job in hand and tells nobody, as on a
         # lost node (a plain scancel would let it record its job's end)
@@ -151,9 +160,9 @@ def test_workers_finish_a_run_while_one_is_cancelled_mid_job(
     for job, tries in attempts.items():
         assert [a.state for a in tries].count("succeeded") == 1, (job, tries)
         assert tries[-1].state == "succeeded", (job, tries)
-    lost = [a for t in attempts.values() for a in t
-            if a.worker_id == first.worker_id and a.state == "lost"]
-    assert lost, attempts  # the killed worker's job went back to the queue when its lease expired
+    # the killed worker's job went back to the queue when its lease expired, and ran again
+    assert [(a.worker_id, a.state) for a in attempts[held]][0] == (first.worker_id, "lost"), \
+        attempts[held]
     assert {t[-1].worker_id for t in attempts.values()} <= {
         second.worker_id, replacement.worker_id}
     for seq in (1, JOBS):
@@ -174,7 +183,13 @@ def test_workers_finish_a_run_while_one_is_cancelled_mid_job(
 
 
 def test_terminate_drains_running_workers_and_cancels_pending_ones(
-        slurm: SlurmCluster, jf: Jobfleet, tmp_path: Path) -> None:  # noqa: F811
+        slurm: SlurmCluster, jf: Jobfleet, tmp_path: Path,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # what the submitting shell holds besides: workers get this shell's environment (as
+    # Slurm jobs do), but not its cloud credentials or jobfleet settings
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-for-workers")
+    monkeypatch.setenv("JOBFLEET_STORE", "postgresql://elsewhere/db")
+    monkeypatch.setenv("SHELL_ONLY", "kept")
     p = provider(tmp_path)
     spec = LaunchSpec(fleet=p.fleet, run_id=None, slots=1, idle_exit=300,
                       env={"JOBFLEET_STORE": str(jf.store_path),
@@ -191,6 +206,11 @@ def test_terminate_drains_running_workers_and_cancels_pending_ones(
     with jf.open_store() as db:
         wait_for(lambda: len([w for w in db.workers() if w.state == "running"]) == 2, 30,
                  what="both workers to register")
+        for w in db.workers():
+            env = dict(line.split(b"=", 1) for line in
+                       Path(f"/proc/{w.pid}/environ").read_bytes().split(b"\0") if b"=" in line)
+            assert env[b"JOBFLEET_STORE"] == str(jf.store_path).encode()
+            assert env[b"SHELL_ONLY"] == b"kept" and b"AWS_SECRET_ACCESS_KEY" not in env
     p.terminate(ids)
     after = {m.id: m for m in p.list()}
     assert [i for i in ids if after[i].phase in LIVE] == []
@@ -285,7 +305,7 @@ time_limit = "10m"
 stop_grace = "10s"
 """)
     write_csv(tmp_path / "jobs.csv", ["command", "n"],
-              [["sleep 2; echo job {n}", i] for i in range(1, JOBS + 1)])
+              [["sleep 2 && echo job {n}", i] for i in range(1, JOBS + 1)])
     jf.env.update(JOBFLEET_STORE=store.url, SLURM_CONF=str(slurm.conf))
     proc = jf.popen("run", "jobs.csv", "--provider", "slurm", "--fleet", fleet, "--slots", "1",
                     "--lease-seconds", "2")
@@ -293,12 +313,13 @@ stop_grace = "10s"
     from jobfleet.store import open_store
 
     with open_store(store.url) as db:
-        def held() -> str | None:
+        def started() -> tuple[str, str] | None:
             runs = db.runs()
-            running = db.jobs(runs[0].id, state="running") if runs else []
-            return next((j.worker_id for j in running if j.worker_id), None)
+            # its process has started by then (scancel signals the worker's processes, and
+            # a draining worker lets a job leased a moment before still start)
+            return just_started(db, runs[0].id, since=0.3) if runs else None
 
-        worker = wait_for(held, 60, interval=0.1, what="a slurm worker to run a job")
+        held, worker = wait_for(started, 60, interval=0.05, what="a slurm worker to start a job")
         assert worker.startswith(f"{fleet}-"), worker
         slurm.run("scancel", worker.removeprefix(f"{fleet}-"))  # as a user would
         out, errors = proc.communicate(timeout=120)
@@ -309,8 +330,10 @@ stop_grace = "10s"
     for job, tries in attempts.items():
         assert [a.state for a in tries].count("succeeded") == 1, (job, tries)
         assert tries[-1].state == "succeeded", (job, tries)
-    retried = [t for t in attempts.values() if t[0].worker_id == worker and len(t) > 1]
-    assert retried, attempts  # the cancelled worker's job ran again elsewhere
+    # the cancelled worker's job failed there (killed by scancel's SIGTERM) and ran again
+    first, *_, last = attempts[held]
+    assert first.worker_id == worker and first.state != "succeeded", attempts[held]
+    assert last.worker_id != worker, attempts[held]
     assert "nothing is left" in out, out
     assert in_queue(slurm, f"jobfleet-{fleet}") == []
     seen = command_lines.stop()

@@ -28,6 +28,7 @@ from typing import TypeVar, cast
 
 from jobfleet.errors import ConfigError, JobfleetError
 from jobfleet.fleet.base import (
+    CREDENTIAL_VARIABLES,
     FAILED,
     LAUNCHING,
     READY,
@@ -287,8 +288,12 @@ class SlurmProvider(Provider):
             command.append(f"--gres=gpu:{spec.gpus}")
         command += self.sbatch_args
         # the store's URL (password and all) reaches the job through sbatch's environment,
-        # which --export=ALL hands over: no command line or script holds it
-        env = {**os.environ, **spec.env}
+        # which --export=ALL hands over: no command line or script holds it. The rest of this
+        # shell's environment goes along, as Slurm users expect, less jobfleet's settings and
+        # credentials: the workers get those of the launch only
+        env = {k: v for k, v in os.environ.items()
+               if k not in CREDENTIAL_VARIABLES and not k.startswith("JOBFLEET_")}
+        env.update(spec.worker_env())
         done = self._command(command, input=self.script(spec), env=env)
         job = done.stdout.strip().split(";")[0]
         if done.returncode != 0 or not job.isdigit():
