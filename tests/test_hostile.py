@@ -383,8 +383,8 @@ def test_fuzzed_dashboard_parameters_are_refused_cleanly(store: Path, client: Te
     assert snapshot(store) == before
 
 
-def test_a_run_on_disk_outside_the_dashboard_folder_is_not_reachable(client: TestClient,
-                                                                     jf: Jobfleet) -> None:
+def test_no_route_reads_the_files_beside_the_blob_store(client: TestClient,
+                                                        jf: Jobfleet) -> None:
     """The blobs folder's parent holds the store: no route reads it."""
     for url in ["/static/../state/jobfleet.db", "/static/%2e%2e/%2e%2e/state/jobfleet.db",
                 "/static/..%2f..%2f..%2fetc%2fpasswd", "/api/jobs/..%2f..%2fstate-1/log",
