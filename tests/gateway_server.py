@@ -58,6 +58,9 @@ class ThreadServer:
         assert self._server.started, "the server did not start"
 
     def stop(self) -> None:
+        release = getattr(self._server.config.app, "release", None)
+        if release is not None:
+            release()  # workers waiting for work go at once
         self._server.should_exit = True
         self._thread.join(timeout=30)
 

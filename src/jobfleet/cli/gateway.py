@@ -155,9 +155,9 @@ def server(
             hint="give --cert FILE --key FILE (docs/gateway.md makes them with a private CA),"
                  " or --allow-http when a TLS proxy stands in front")
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (serve's)
 
-        from jobfleet.gateway.server import create_server
+        from jobfleet.gateway.server import create_server, serve
     except ImportError as e:
         raise ConfigError(f"the server needs packages that are not installed ({e.name})",
                           hint="pip install 'jobfleet[dashboard]'") from None
@@ -175,9 +175,9 @@ def server(
     if not no_dashboard:
         secret = "$" + TOKEN_ENV if os.environ.get(TOKEN_ENV) else dash_token
         out.print(escape(f"  dashboard: {address}/?token={secret}"))
-    uvicorn.run(web, host=host, port=port, log_level="warning",
-                ssl_certfile=str(cert) if cert else None, ssl_keyfile=str(key) if key else None,
-                timeout_graceful_shutdown=5)
+    serve(web, host=host, port=port, log_level="warning",
+          ssl_certfile=str(cert) if cert else None, ssl_keyfile=str(key) if key else None,
+          timeout_graceful_shutdown=5)
 
 
 # -- the worker's side: `jobfleet worker --server URL --token-file FILE` ------------------------

@@ -85,6 +85,14 @@ class WorkAnnouncer:
         if event is not None:
             event.set()
 
+    def release(self) -> None:
+        """The server is stopping: every wait returns now (so that it can stop at once)."""
+        self._stopping = True
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._fire)
+
     async def wait(self, since: int, timeout: float) -> int:
         """The news count, once it is not `since` or `timeout` seconds have passed."""
         if self._loop is None:
@@ -93,7 +101,7 @@ class WorkAnnouncer:
             self._event = asyncio.Event()
         self._waiting += 1  # before looking: a bump now either is seen or wakes us
         try:
-            if self.generation == since and timeout > 0:
+            if self.generation == since and timeout > 0 and not self._stopping:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._event.wait(), timeout)
         finally:
@@ -163,3 +171,16 @@ def create_server(store_url: str, blobs_url: str, *, opener: Callable[[str], Sto
         sub = create_app(store_url, blobs_url, dashboard_token, protect_reads=protect_reads)
         app.mount("/", sub)
     return WorkerAPI(app, gate)
+
+
+def serve(app: WorkerAPI, **config: Any) -> None:
+    """Serve `app` with uvicorn until SIGTERM or SIGINT; workers waiting for work are let go
+    at once, so the server stops within moments (they come back to the new one)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.release()
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, **config)).run()

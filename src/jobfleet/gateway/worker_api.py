@@ -276,6 +276,13 @@ class WorkerAPI:
     def __init__(self, app: Any, gate: Gate) -> None:
         self.app, self.gate = app, gate
 
+    def release(self) -> None:
+        """Let every worker waiting for work go (the server is stopping)."""
+        from jobfleet.gateway.server import WorkAnnouncer
+
+        if isinstance(self.gate.announcer, WorkAnnouncer):
+            self.gate.announcer.release()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if scope["type"] != "http" or not path.startswith(PREFIX):
