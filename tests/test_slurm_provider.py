@@ -232,9 +232,10 @@ def test_a_worker_that_cannot_start_is_failed_with_why_and_its_log(
     bad_setup = provider(tmp_path, setup="echo fetching the reference data\nfalse\necho never")
     no_python = provider(tmp_path, python="/opt/nowhere/bin/python3")
     no_jobfleet = provider(tmp_path, python=str(wrapper))
-    launched = [p.launch(1, LaunchSpec(fleet=p.fleet, run_id=None, env=env,
-                                       version=jobfleet.__version__))[0].id
-                for p in (bad_setup, no_python, no_jobfleet)]
+    def spec(p: Any) -> LaunchSpec:
+        return LaunchSpec(fleet=p.fleet, run_id=None, env=env, version=jobfleet.__version__)
+
+    launched = [p.launch(1, spec(p))[0].id for p in (bad_setup, no_python, no_jobfleet)]
 
     def failed(p: Any, mid: str) -> Machine | None:
         return next((m for m in p.list() if m.id == mid and m.phase == FAILED), None)
@@ -245,6 +246,20 @@ def test_a_worker_that_cannot_start_is_failed_with_why_and_its_log(
     assert "fetching the reference data" in one.log_tail
     assert not any("never" in line for line in one.log_tail)
     assert any(c.phase == FAILED for c in bad_setup.changes)
+    # tried again, failed again: then the provider submits no more (the autoscaler, told
+    # so, stops with the reason instead of filling the queue with failing workers)
+    again, = bad_setup.launch(1, spec(bad_setup))
+    wait_for(lambda: failed(bad_setup, again.id), 30, interval=0.2, what="the retry to fail")
+    refused = bad_setup.launch(2, spec(bad_setup))
+    assert [m.phase for m in refused] == [FAILED, FAILED]
+    assert "not submitting more" in str(refused[0].reason), refused
+    assert "setup failed" in str(refused[0].reason), refused
+    assert len(slurm.squeue("--states=all", "--name", bad_setup.job_name)) == 2
+    # with the setup fixed, the same fleet launches again at once
+    bad_setup.setup = "echo fixed"
+    fixed, = bad_setup.launch(1, spec(bad_setup))
+    assert fixed.phase == LAUNCHING
+    bad_setup.terminate([fixed.id])
 
     two = wait_for(lambda: failed(no_python, launched[1]), 30, interval=0.2,
                    what="python to be missing")

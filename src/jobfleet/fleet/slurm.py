@@ -12,6 +12,7 @@ workers run the interpreter this process runs, and write their logs where this o
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -70,6 +71,8 @@ LOG_TAIL = 20
 SACCT_WINDOW = 3600
 #: how long terminate waits for cancelled jobs to leave the queue, seconds
 CANCEL_WAIT = 30.0
+#: launches whose every worker failed, while none of the fleet runs, before launch refuses
+FAILED_LAUNCHES = 2
 _COMMAND_TIMEOUT = 60.0
 T = TypeVar("T")
 
@@ -164,6 +167,13 @@ class Task:
     @property
     def id(self) -> str:
         return f"{self.array_job}_{self.task}"
+
+    def tag(self, key: str) -> str | None:
+        """A `key=value` of the comment jobfleet gave the job (`jobfleet run=... config=...`)."""
+        words = self.comment.split()
+        if not words or words[0] != "jobfleet":
+            return None
+        return next((w.split("=", 1)[1] for w in words[1:] if w.startswith(key + "=")), None)
 
 
 def parse_squeue(text: str) -> list[Task]:
@@ -268,6 +278,9 @@ class SlurmProvider(Provider):
     def launch(self, n: int, spec: LaunchSpec) -> list[Machine]:
         if n <= 0:
             return []
+        refused = self._failing(self.config(spec))
+        if refused:
+            return self._failed_launch(n, spec, refused)
         try:
             self.log_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -276,7 +289,7 @@ class SlurmProvider(Provider):
                    "--export=ALL", f"--time={slurm_time(self.time_limit)}",
                    f"--signal=B:TERM@{drain_lead(self.time_limit)}",
                    f"--output={self.log_dir}/{self.fleet}-%A_%a.log",
-                   f"--comment=jobfleet run={spec.run_id or '*'}",
+                   f"--comment=jobfleet run={spec.run_id or '*'} config={self.config(spec)}",
                    f"--cpus-per-task={math.ceil(spec.cpus) if spec.cpus else spec.slots}"]
         if self.partition:
             command.append(f"--partition={self.partition}")
@@ -305,6 +318,37 @@ class SlurmProvider(Provider):
             self._seen[m.id] = m.phase
             self.on_change(m)
         return machines
+
+    def config(self, spec: LaunchSpec) -> str:
+        """A short digest of what decides whether a worker can start: the settings, the
+        version wanted, and what each worker asks Slurm for."""
+        what = [self.setup or "", self.python, self.partition or "", self.account or "",
+                *self.sbatch_args, spec.version, str(spec.cpus), str(spec.slots),
+                str(spec.memory), str(spec.gpus)]
+        return hashlib.sha256("\0".join(what).encode()).hexdigest()[:10]
+
+    def _failing(self, config: str) -> str | None:
+        """Why launching more is pointless: the last `FAILED_LAUNCHES` array jobs of the fleet
+        made with this `config` failed, every task, and none of its workers runs (a bad
+        setup, python missing). Changed settings are tried afresh; the queue forgets ended
+        jobs after a while (MinJobAge), and with them this verdict."""
+        tasks = self._squeue()
+        if any(t.state in _READY_STATES for t in tasks):
+            return None
+        jobs: dict[str, list[Task]] = {}
+        for t in tasks:
+            if t.tag("config") == config:
+                jobs.setdefault(t.array_job, []).append(t)
+        ended = [ts for _, ts in sorted(jobs.items(), key=lambda kv: int(kv[0]))
+                 if all(t.state in _STOPPED_STATES or t.state in _FAILED_STATES for t in ts)]
+        last = ended[-FAILED_LAUNCHES:]
+        if len(last) < FAILED_LAUNCHES or not all(
+                t.state in _FAILED_STATES for ts in last for t in ts):
+            return None
+        example = self._machine(last[-1][0], "squeue")
+        return (f"the last {FAILED_LAUNCHES} launches of fleet {self.fleet} failed, every"
+                f" worker ({example.id}: {example.reason}); not submitting more until that is"
+                f" fixed (their logs are in {self.log_dir})")
 
     def _failed_launch(self, n: int, spec: LaunchSpec, reason: str) -> list[Machine]:
         stamp = int(time.time())
@@ -361,9 +405,8 @@ class SlurmProvider(Provider):
 
     def _machine(self, t: Task, seen_by: str) -> Machine:
         log = self.log_dir / f"{self.fleet}-{t.id}.log"
-        run_id = None
-        if t.comment.startswith("jobfleet run=") and not t.comment.endswith("=*"):
-            run_id = t.comment.removeprefix("jobfleet run=")
+        run_id = t.tag("run")
+        run_id = None if run_id in (None, "*") else run_id
         host = t.nodes if t.nodes and t.nodes not in ("(null)", "None assigned") else None
         worker = f"{self.fleet}-{t.id}"
         if t.state in _READY_STATES:
