@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -23,7 +22,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar, cast
 
@@ -40,6 +38,21 @@ from jobfleet.fleet.base import (
     Provider,
     option,
 )
+from jobfleet.fleet.local import tail  # the last lines of a log file
+from jobfleet.fleet.slurm_queue import (
+    FAILED_STATES,
+    FIELDS,
+    ORDINARY_WAITS,
+    READY_STATES,
+    STOPPED_STATES,
+    TASK_ID,
+    Task,
+    drain_lead,
+    exit_status,
+    parse_sacct,
+    parse_squeue,
+    slurm_time,
+)
 from jobfleet.spec.model import parse_duration
 
 #: the settings of [providers.slurm]
@@ -47,26 +60,6 @@ SETTINGS = ("partition", "account", "time_limit", "sbatch_args", "python", "log_
             "stop_grace")
 #: sbatch options the provider sets itself: list() and the workers depend on them
 _OWN_OPTIONS = ("-J", "--job-name", "-a", "--array", "-o", "--output", "--export")
-#: Slurm job states -> phases (states not listed count as launching)
-_READY_STATES = frozenset({"RUNNING", "RESIZING", "SIGNALING"})
-_STOPPED_STATES = frozenset({"COMPLETING", "COMPLETED", "CANCELLED", "PREEMPTED", "REVOKED",
-                             "SPECIAL_EXIT", "STAGE_OUT"})
-_FAILED_STATES = {
-    "FAILED": "failed",
-    "NODE_FAIL": "its node failed",
-    "BOOT_FAIL": "its node failed to boot",
-    "TIMEOUT": "reached its time limit",
-    "DEADLINE": "reached its deadline",
-    "OUT_OF_MEMORY": "out of memory",
-}
-#: pending reasons that only mean "waiting its turn"
-_ORDINARY_WAITS = frozenset({"", "None", "Priority", "Resources", "BeginTime"})
-#: squeue -O fields, each padded to its width and closed by "|"
-_FIELDS = (("ArrayJobID", 20), ("ArrayTaskID", 20), ("State", 20), ("exit_code", 12),
-           ("NodeList", 120), ("Comment", 60), ("Reason", 200))
-_ID = re.compile(r"(\d+)_(\d+)\Z")
-#: how many lines of a worker's log a failed machine carries
-LOG_TAIL = 20
 #: sacct is asked about jobs that started this long ago at most, seconds
 SACCT_WINDOW = 3600
 #: how long terminate waits for cancelled jobs to leave the queue, seconds
@@ -114,91 +107,6 @@ def _args(value: object) -> list[str]:
 
 def _directory(value: object) -> Path:
     return Path(_text(value)).expanduser().absolute()
-
-
-def slurm_time(seconds: float) -> str:
-    """`sbatch --time` for `seconds`, rounded up to a whole minute: `D-HH:MM:00`."""
-    minutes = max(1, math.ceil(seconds / 60))
-    days, minutes = divmod(minutes, 24 * 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{days}-{hours:02d}:{minutes:02d}:00"
-
-
-def drain_lead(time_limit: float) -> int:
-    """Seconds before the time limit at which Slurm asks a worker to drain (its signal timer
-    ticks about once a minute, so never less than 60)."""
-    return int(max(60, min(300, time_limit / 10)))
-
-
-def _exit_status(raw: str) -> tuple[int | None, int | None]:
-    """(exit code, signal) from squeue's raw wait status (`768`) or sacct's `3:0`."""
-    raw = raw.strip()
-    if ":" in raw:
-        code, _, sig = raw.partition(":")
-        return (int(code) if code.isdigit() else None, int(sig) if sig.isdigit() and sig != "0"
-                else None)
-    if not raw.isdigit():
-        return None, None
-    status = int(raw)
-    return (status >> 8) & 0xFF, (status & 0x7F) or None
-
-
-def tail(path: Path, lines: int = LOG_TAIL) -> tuple[str, ...]:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 16 * 1024))
-            return tuple(f.read().decode("utf-8", "replace").splitlines()[-lines:])
-    except OSError:
-        return ()
-
-
-@dataclass(frozen=True, slots=True)
-class Task:
-    """One array task as squeue or sacct shows it."""
-
-    array_job: str
-    task: str
-    state: str
-    exit: str = ""
-    nodes: str = ""
-    comment: str = ""
-    reason: str = ""
-
-    @property
-    def id(self) -> str:
-        return f"{self.array_job}_{self.task}"
-
-    def tag(self, key: str) -> str | None:
-        """A `key=value` of the comment jobfleet gave the job (`jobfleet run=... config=...`)."""
-        words = self.comment.split()
-        if not words or words[0] != "jobfleet":
-            return None
-        return next((w.split("=", 1)[1] for w in words[1:] if w.startswith(key + "=")), None)
-
-
-def parse_squeue(text: str) -> list[Task]:
-    """Rows of `squeue -O` with the `_FIELDS` (each closed by `|`)."""
-    tasks = []
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.split("|")]
-        if len(cells) < len(_FIELDS) or not cells[0].isdigit() or not cells[1].isdigit():
-            continue  # a blank line, or a task range squeue did not expand
-        job, task, state, exit_code, nodes, comment, reason = cells[:len(_FIELDS)]
-        tasks.append(Task(job, task, state.split()[0] if state else "", exit_code, nodes,
-                          comment, reason))
-    return tasks
-
-
-def parse_sacct(text: str) -> list[Task]:
-    """Rows of `sacct --parsable2 --format JobID,State,ExitCode,NodeList,Comment`."""
-    tasks = []
-    for line in text.splitlines():
-        cells = line.split("|")
-        if len(cells) < 5 or not (m := _ID.match(cells[0])):
-            continue  # a step (123_4.batch) or a job that is not an array task
-        state = cells[1].split()[0] if cells[1] else ""  # "CANCELLED by 1000"
-        tasks.append(Task(m.group(1), m.group(2), state, cells[2], cells[3], cells[4]))
-    return tasks
 
 
 class SlurmProvider(Provider):
@@ -249,7 +157,7 @@ class SlurmProvider(Provider):
             return subprocess.CompletedProcess(args, 255, "", f"{args[0]}: {e}")
 
     def _squeue(self) -> list[Task]:
-        fields = ",".join(f"{name}:{width}|" for name, width in _FIELDS)
+        fields = ",".join(f"{name}:{width}|" for name, width in FIELDS)
         command = ["squeue", "--noheader", "--array", "--states=all", f"--user={self.user}",
                    f"--name={self.job_name}", f"--Format={fields}"]
         for pause in (1.0, 3.0, None):  # slurmctld may be busy or restarting: try thrice
@@ -333,17 +241,17 @@ class SlurmProvider(Provider):
         setup, python missing). Changed settings are tried afresh; the queue forgets ended
         jobs after a while (MinJobAge), and with them this verdict."""
         tasks = self._squeue()
-        if any(t.state in _READY_STATES for t in tasks):
+        if any(t.state in READY_STATES for t in tasks):
             return None
         jobs: dict[str, list[Task]] = {}
         for t in tasks:
             if t.tag("config") == config:
                 jobs.setdefault(t.array_job, []).append(t)
         ended = [ts for _, ts in sorted(jobs.items(), key=lambda kv: int(kv[0]))
-                 if all(t.state in _STOPPED_STATES or t.state in _FAILED_STATES for t in ts)]
+                 if all(t.state in STOPPED_STATES or t.state in FAILED_STATES for t in ts)]
         last = ended[-FAILED_LAUNCHES:]
         if len(last) < FAILED_LAUNCHES or not all(
-                t.state in _FAILED_STATES for ts in last for t in ts):
+                t.state in FAILED_STATES for ts in last for t in ts):
             return None
         example = self._machine(last[-1][0], "squeue")
         return (f"the last {FAILED_LAUNCHES} launches of fleet {self.fleet} failed, every"
@@ -409,26 +317,26 @@ class SlurmProvider(Provider):
         run_id = None if run_id in (None, "*") else run_id
         host = t.nodes if t.nodes and t.nodes not in ("(null)", "None assigned") else None
         worker = f"{self.fleet}-{t.id}"
-        if t.state in _READY_STATES:
+        if t.state in READY_STATES:
             return Machine(t.id, self.name, self.fleet, READY, worker, host, run_id)
-        if t.state in _FAILED_STATES:
+        if t.state in FAILED_STATES:
             lines = tail(log)
             return Machine(t.id, self.name, self.fleet, FAILED, worker, host, run_id,
                            reason=self._failure(t, lines, seen_by), log_tail=lines)
-        if t.state in _STOPPED_STATES:
+        if t.state in STOPPED_STATES:
             why = {"CANCELLED": "cancelled", "PREEMPTED": "preempted",
                    "COMPLETED": "its worker exited"}.get(t.state, t.state.lower())
             return Machine(t.id, self.name, self.fleet, STOPPED, worker, host, run_id,
                            reason=why, log_tail=tail(log))
-        waiting = None if t.reason in _ORDINARY_WAITS else f"{t.state.lower()} ({t.reason})"
+        waiting = None if t.reason in ORDINARY_WAITS else f"{t.state.lower()} ({t.reason})"
         return Machine(t.id, self.name, self.fleet, LAUNCHING, worker, host, run_id,
                        reason=waiting)
 
     def _failure(self, t: Task, lines: tuple[str, ...], seen_by: str) -> str:
         """Why a task failed: the state's meaning, the exit status, and the script's own
         word for it when it left one in the log (setup failed, python not found)."""
-        why = _FAILED_STATES[t.state]
-        code, sig = _exit_status(t.exit)
+        why = FAILED_STATES[t.state]
+        code, sig = exit_status(t.exit)
         if t.state == "FAILED":
             why = (f"killed by signal {sig}" if sig else
                    f"exited with status {code}" if code is not None else "failed")
@@ -443,7 +351,7 @@ class SlurmProvider(Provider):
     def list(self) -> list[Machine]:
         machines = {t.id: self._machine(t, "squeue") for t in self._squeue()}
         for t in self._sacct():
-            if t.id not in machines and t.state in _FAILED_STATES:
+            if t.id not in machines and t.state in FAILED_STATES:
                 machines[t.id] = self._machine(t, "sacct")
         found = sorted(machines.values(), key=lambda m: tuple(map(int, m.id.split("_"))))
         for m in found:
@@ -455,7 +363,7 @@ class SlurmProvider(Provider):
     def terminate(self, ids: Sequence[str]) -> None:
         """Pending workers are cancelled at once; running ones get SIGTERM (they drain), and
         whatever is left after `stop_grace` is cancelled. Returns when none is live."""
-        wanted = {i for i in ids if _ID.match(i)}
+        wanted = {i for i in ids if TASK_ID.match(i)}
         if not wanted:
             return
         now = {m.id: m for m in self.list() if m.id in wanted}
@@ -485,7 +393,7 @@ class SlurmProvider(Provider):
         until = time.monotonic() + wait
         while True:
             live = {t.id for t in self._squeue() if t.id in ids
-                    and t.state not in _STOPPED_STATES and t.state not in _FAILED_STATES}
+                    and t.state not in STOPPED_STATES and t.state not in FAILED_STATES}
             if not live or time.monotonic() >= until:
                 return live
             time.sleep(0.25)
