@@ -354,3 +354,23 @@ stop_grace = "10s"
     seen = command_lines.stop()
     assert any("jobfleet worker --id" in line for line in seen), "the sampler saw no worker"
     assert not [line for line in seen if store.password in line]
+
+
+def test_what_sacct_and_squeue_say_is_read_as_slurm_writes_it() -> None:
+    """Rows as sacct writes them on a cluster with accounting (none runs here: the one-node
+    cluster keeps none), exit statuses both ways Slurm writes them, and time limits."""
+    from jobfleet.fleet.slurm_queue import exit_status, parse_sacct, slurm_time
+
+    rows = parse_sacct("4711_0|FAILED|1:0|node1|jobfleet run=ab12cd34 config=0a1b2c3d4e\n"
+                       "4711_0.batch|FAILED|1:0|node1|\n"
+                       "4711_1|CANCELLED by 1000|0:15|node2|\n"
+                       "4712|COMPLETED|0:0|node3|\n")
+    assert [(t.id, t.state, t.exit, t.nodes) for t in rows] == [
+        ("4711_0", "FAILED", "1:0", "node1"), ("4711_1", "CANCELLED", "0:15", "node2")]
+    assert rows[0].tag("run") == "ab12cd34" and rows[0].tag("config") == "0a1b2c3d4e"
+    assert rows[1].tag("run") is None
+    assert exit_status("1:0") == (1, None) and exit_status("0:15") == (0, 15)
+    assert exit_status("768") == (3, None) and exit_status("9") == (0, 9)
+    assert exit_status("") == (None, None)
+    assert slurm_time(3600) == "0-01:00:00" and slurm_time(61) == "0-00:02:00"
+    assert slurm_time(2 * 86400 + 1800) == "2-00:30:00"
