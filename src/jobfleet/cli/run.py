@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from jobfleet.cli.app import (
     BlobsOpt,
@@ -251,7 +252,7 @@ def run_on_fleet(jobs: Iterable[JobSpec], source: str, name: str | None, s: Sett
         code = max(code, 1)
     usage = db.usage(run_id)
     if usage:
-        out.print(f"fleet cost: {cost_text(usage)}  [dim]{budget.price.text()}[/]")
+        out.print(f"fleet cost: {cost_text(usage)}  [dim]{escape(budget.price.text())}[/]")
     if capped:
         cap = (f"max_total_cost ${budget.max_total_cost:g}" if capped == "budget"
                else f"absolute_timeout {budget.absolute_timeout:g}s")
