@@ -73,7 +73,8 @@ def gw(jf: Jobfleet) -> Iterator[Gateway]:
 
 def test_a_worker_with_only_a_token_runs_jobs_logs_and_outputs(jf: Jobfleet, gw: Gateway) -> None:
     write_csv(jf.cwd / "jobs.csv", ["command", "outputs", "max_attempts"], [
-        ["echo hello from {x}; mkdir -p out; echo result > out/a.txt", "out/a.txt", 1],
+        ["echo hello from {x}; mkdir -p out; echo result > out/a.txt;"
+         " head -c 3000000 /dev/urandom > out/big.bin", "out/*", 1],
         ["echo broken >&2; exit 3", "", 1],
         ["env", "", 1],
     ])
@@ -89,7 +90,9 @@ def test_a_worker_with_only_a_token_runs_jobs_logs_and_outputs(jf: Jobfleet, gw:
     assert jobs[f"{run}-2"]["reason"] == "exit code 3"
     # logs and outputs reached the server's blob store, as with a worker of the store itself
     assert jf.log(run, 1) == "hello from gw\n" and jf.log(run, 2) == "broken\n"
-    assert (jf.blobs / "outputs" / run / "1" / "out" / "a.txt").read_text() == "result\n"
+    outputs = jf.blobs / "outputs" / run / "1" / "out"
+    assert (outputs / "a.txt").read_text() == "result\n"
+    assert (outputs / "big.bin").stat().st_size == 3_000_000
     logs = jf("logs", f"{run}-2", check=0).stdout
     assert "broken" in logs
     # the job saw the worker's environment (--inherit-env) but never its token

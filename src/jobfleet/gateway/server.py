@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -34,7 +35,9 @@ class WorkAnnouncer:
     waiting requests return as soon as the count moves past what they saw."""
 
     def __init__(self, opener: Callable[[], Store]) -> None:
-        self.generation = 0
+        # where this server's count starts: a worker that heard an earlier server's count is
+        # told news at once, not when the counts happen to meet
+        self.generation = secrets.randbelow(2**31)
         self._waiting = 0  # requests waiting now (changed in the event loop's thread only)
         self._open = opener
         self._loop: asyncio.AbstractEventLoop | None = None
