@@ -4,7 +4,6 @@ whole file takes on the chosen fleet and what it costs."""
 from __future__ import annotations
 
 import os
-import statistics
 import subprocess
 import time
 from typing import Annotated
@@ -78,7 +77,7 @@ def estimate(
         if not json:
             err.print(f"timing {len(picked)} of {len(jobs)} jobs here (they really run) ...")
         timed = [(seq, time_job(job)) for seq, job in picked]
-        seconds = statistics.mean(t for _, t in timed)
+        seconds = sum(t for _, t in timed) / len(timed)
     e = Estimate(len(jobs), seconds, fs.max_workers, slots, price)
     if json:
         out.print(dumps({"jobs": e.jobs, "seconds_per_job": e.seconds, "workers": e.workers,

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from jobfleet.cli.app import BlobsOpt, JsonOpt, StoreOpt, app, connect, err, out, settings
 from jobfleet.cli.fmt import ago, dumps
@@ -165,6 +164,8 @@ def fleet_status(
     if not machines:
         out.print("  nothing of this fleet is running")
         return
+    from rich.table import Table
+
     table = Table(box=None)
     for col in ("machine", "host", "phase", "worker", "heartbeat", "jobs done"):
         table.add_column(col)
