@@ -228,6 +228,9 @@ def test_a_worker_reports_and_stores_only_for_its_own_leases(gw: Gateway) -> Non
         second.heartbeat("w1", [(x.key, x.token)], 60)
     with pytest.raises(AccessDenied, match="has not registered with this token"):
         second.lease("w9", BIG, 60)
+    open_store(gw.store_path).register_worker(_info("direct"))  # a worker of the store itself
+    with pytest.raises(AccessDenied, match="worker direct is running, connected to the store"):
+        second.register_worker(_info("direct"))
     _, second_blobs = connect(gw.url, token=gw.token("worker"))
     with pytest.raises(AccessDenied, match=f"job {run_id}-1 is not running on a worker of this"):
         second_blobs.put(f"outputs/{run_id}/1/a.txt", b"forged")

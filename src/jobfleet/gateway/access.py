@@ -63,7 +63,6 @@ class Gate:
     blobs: object  # jobfleet.blobs.Blobs (typed loosely: the routes narrow it)
     db: GatewayDB
     announcer: object  # jobfleet.gateway.server.WorkAnnouncer
-    dashboard_token: Token | None = None
     _principals: dict[str, tuple[Principal | None, float]] = field(default_factory=dict)
     _bound: set[tuple[str, str]] = field(default_factory=set)
     #: the leases (key, token) this server handed to each worker and that are not reported yet
@@ -111,6 +110,10 @@ class Gate:
                           _role_hint(p))
         if (worker_id, p.token_id) in self._bound:
             return
+        if register and self.db.worker_token(worker_id) is None \
+                and self.db.worker_state(worker_id) in ("running", "draining"):
+            raise Refused(f"worker {worker_id} is running, connected to the store itself: a"
+                          " worker token cannot take its id", "give this worker another --id")
         owner = (self.db.bind_worker(worker_id, p.token_id) if register
                  else self.db.worker_token(worker_id))
         if owner is None:
@@ -120,6 +123,8 @@ class Gate:
             raise Refused(f"worker {worker_id} belongs to another token ({owner}): this token"
                           " cannot report for it", "give each worker its own id (--id)")
         with self._lock:
+            if len(self._bound) > 100_000:
+                self._bound.clear()
             self._bound.add((worker_id, p.token_id))
 
     def handed(self, worker_id: str, leases: Iterable[tuple[int, str]],

@@ -65,6 +65,10 @@ class GatewayDB(abc.ABC):
         rows = self._all("SELECT token_id FROM token_workers WHERE worker_id = ?", (worker_id,))
         return str(rows[0][0]) if rows else None
 
+    def worker_state(self, worker_id: str) -> str | None:
+        rows = self._all("SELECT state FROM workers WHERE id = ?", (worker_id,))
+        return str(rows[0][0]) if rows else None
+
     def own_run(self, run_id: str, token_id: str) -> None:
         self._all("INSERT INTO token_runs (run_id, token_id) VALUES (?, ?)"
                   " ON CONFLICT (run_id) DO NOTHING", (run_id, token_id))

@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from jobfleet.blobs import open_blobs
-from jobfleet.dashboard.access import StorePerThread, Token
+from jobfleet.dashboard.access import StorePerThread
 from jobfleet.errors import JobfleetError
 from jobfleet.gateway.access import BadRequest, Gate, Refused
 from jobfleet.gateway.db import gateway_db
@@ -135,8 +135,7 @@ def create_server(store_url: str, blobs_url: str, *, opener: Callable[[str], Sto
     first = stores.get()
     db = gateway_db(first)
     announcer = WorkAnnouncer(lambda: open_one(store_url))
-    gate = Gate(stores, open_blobs(blobs_url), db, announcer,
-                Token(dashboard_token, protect_reads=protect_reads) if dashboard_token else None)
+    gate = Gate(stores, open_blobs(blobs_url), db, announcer)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
