@@ -46,7 +46,7 @@ DEFAULT_JSON = RESULTS / "calls.json"
 RAY_VENV = RESULTS / ".rayenv"
 #: tried in this order when --ray-python is not given (after the current interpreter)
 RAY_PYTHONS = (Path("/tmp/rayenv/bin/python"), RAY_VENV / "bin" / "python")
-TOOLS = (SUBJECT, "ray", "processpool")
+TOOLS = (SUBJECT, "ray", "processpool", "dask", "celery")
 #: the peer the project's target is stated against (on the map-only time)
 TARGET_PEER = "ray"
 #: the child's output shown when a run fails, characters
@@ -58,6 +58,15 @@ WORKER_EXIT_WAIT = 20.0
 def inc(x: int) -> int:
     """The call every tool makes N times; in the child this is `__main__.inc`."""
     return x + 1
+
+
+def inc_chunk(xs: list[int]) -> list[int]:
+    """`inc` over a chunk: what a tool without a chunksize of its own runs per task."""
+    return [inc(x) for x in xs]
+
+
+def chunks(n: int, size: int) -> list[list[int]]:
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -142,7 +151,8 @@ def check_results(results: list[Any], n: int, tool: str) -> None:
         raise SystemExit(f"{tool}: wrong results, {where}")
 
 
-def child_jobfleet(n: int, workers: int, store: str, blobs: str) -> dict[str, Any]:
+def child_jobfleet(n: int, workers: int, store: str, blobs: str, chunksize: int = 1
+                   ) -> dict[str, Any]:
     import jobfleet
     from jobfleet.store import open_store
 
@@ -150,7 +160,7 @@ def child_jobfleet(n: int, workers: int, store: str, blobs: str) -> dict[str, An
     ex = jobfleet.Executor(workers=workers, store=store, blobs=blobs)
     ready = time.time()
     t0 = time.perf_counter()
-    results = list(ex.map(inc, range(n), chunksize=1))
+    results = list(ex.map(inc, range(n), chunksize=chunksize))
     seconds = time.perf_counter() - t0
     mapped = time.time()
     check_results(results, n, SUBJECT)
@@ -159,8 +169,9 @@ def child_jobfleet(n: int, workers: int, store: str, blobs: str) -> dict[str, An
     with open_store(store) as db:
         counts = db.counts(ex.run_id or "")
         pids = [w.pid for w in db.workers() if w.host == socket.gethostname()]
-    if counts.get("succeeded") != n:
-        raise SystemExit(f"{SUBJECT}: expected {n} succeeded jobs in the store, found {counts}")
+    jobs = -(-n // chunksize)  # one job per chunk
+    if counts.get("succeeded") != jobs:
+        raise SystemExit(f"{SUBJECT}: expected {jobs} succeeded jobs in the store, found {counts}")
     # The worker (our child, in its own session) exits after 3 s without work, and stops its warm
     # interpreters (each in its own session too) first. Wait for both; kill what outlives the wait.
     deadline = time.monotonic() + WORKER_EXIT_WAIT
@@ -181,15 +192,20 @@ def child_jobfleet(n: int, workers: int, store: str, blobs: str) -> dict[str, An
             "worker_exit_seconds": time.time() - shut, "workers": stopped}
 
 
-def child_ray(n: int, workers: int) -> dict[str, Any]:
+def child_ray(n: int, workers: int, chunksize: int = 1) -> dict[str, Any]:
     import ray
 
     imported = time.time()
     ray.init(num_cpus=workers)
     ready = time.time()
-    remote_inc = ray.remote(inc)
     t0 = time.perf_counter()
-    results = ray.get([remote_inc.remote(i) for i in range(n)])
+    if chunksize == 1:
+        remote_inc = ray.remote(inc)
+        results = ray.get([remote_inc.remote(i) for i in range(n)])
+    else:  # Ray has no chunksize: one task per chunk
+        remote_chunk = ray.remote(inc_chunk)
+        results = [y for ys in ray.get([remote_chunk.remote(c) for c in chunks(n, chunksize)])
+                   for y in ys]
     seconds = time.perf_counter() - t0
     mapped = time.time()
     check_results(results, n, "ray")
@@ -198,14 +214,14 @@ def child_ray(n: int, workers: int) -> dict[str, Any]:
             "map_seconds": seconds, "shutdown_seconds": time.time() - mapped}
 
 
-def child_processpool(n: int, workers: int) -> dict[str, Any]:
+def child_processpool(n: int, workers: int, chunksize: int = 1) -> dict[str, Any]:
     from concurrent.futures import ProcessPoolExecutor
 
     imported = time.time()
     pool = ProcessPoolExecutor(workers)
     ready = time.time()
     t0 = time.perf_counter()
-    results = list(pool.map(inc, range(n)))
+    results = list(pool.map(inc, range(n), chunksize=chunksize))
     seconds = time.perf_counter() - t0
     mapped = time.time()
     check_results(results, n, "processpool")
@@ -222,16 +238,23 @@ def child_main(argv: Sequence[str]) -> int:
     p.add_argument("--calls", type=int, required=True)
     p.add_argument("--workers", type=int, required=True)
     p.add_argument("--result", type=Path, required=True)
+    p.add_argument("--chunksize", type=int, default=1)
     p.add_argument("--store")
     p.add_argument("--blobs")
     a = p.parse_args(argv)
     if a.tool == SUBJECT:
-        result = child_jobfleet(a.calls, a.workers, a.store, a.blobs)
+        result = child_jobfleet(a.calls, a.workers, a.store, a.blobs, a.chunksize)
     elif a.tool == "ray":
-        result = child_ray(a.calls, a.workers)
-    else:
-        result = child_processpool(a.calls, a.workers)
-    result.update(started=started, python=sys.executable, calls=a.calls)
+        result = child_ray(a.calls, a.workers, a.chunksize)
+    elif a.tool == "processpool":
+        result = child_processpool(a.calls, a.workers, a.chunksize)
+    else:  # the peers of run.py, in callpeers.py (their imports only exist in their venvs)
+        import callpeers
+
+        child = callpeers.child_dask if a.tool == "dask" else callpeers.child_celery
+        result = child(inc, inc_chunk, a.calls, a.workers, a.chunksize)
+        check_results(result.pop("results"), a.calls, a.tool)
+    result.update(started=started, python=sys.executable, calls=a.calls, chunksize=a.chunksize)
     a.result.write_text(json.dumps(result))
     return 0
 
@@ -250,8 +273,8 @@ class Tool:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def env_for(tool: str) -> dict[str, str]:
-    env = clean_env()
+def env_for(tool: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = clean_env() | (extra or {})
     if tool == "ray":
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report sent home from ray.init
     return env
@@ -360,21 +383,25 @@ def _worker_pids(store: Path) -> list[int]:
         return [w.pid for w in db.workers() if w.host == socket.gethostname()]
 
 
-def run_once(tool: Tool, n: int, workers: int, scratch: Path, timeout: float) -> Sample:
-    """One run of a tool in a fresh process and folder (a fresh store for jobfleet); verified."""
+def run_once(tool: Tool, n: int, workers: int, scratch: Path, timeout: float,
+             chunksize: int = 1) -> Sample:
+    """One run of a tool in a fresh process and folder (a fresh store for jobfleet); verified.
+
+    `tool.details["env"]`, when there, is added to the run's environment."""
     assert tool.python is not None
     folder = Path(tempfile.mkdtemp(prefix=f"{tool.name}-", dir=scratch))
     store, blobs = folder / "store" / "jobfleet.db", folder / "store" / "blobs"
     result = folder / "result.json"
     argv = [tool.python, str(SCRIPT), "_child", tool.name, "--calls", str(n), "--workers", str(workers),
-            "--result", str(result)]
+            "--result", str(result), "--chunksize", str(chunksize)]
     if tool.name == SUBJECT:
         argv += ["--store", str(store), "--blobs", str(blobs)]
     try:
         with tempfile.TemporaryFile() as output:  # Ray logs a lot: shown only when the run fails
             launched = time.time()
             proc = subprocess.Popen(argv, cwd=folder, stdin=subprocess.DEVNULL, stdout=output,
-                                    stderr=subprocess.STDOUT, env=env_for(tool.name),
+                                    stderr=subprocess.STDOUT,
+                                    env=env_for(tool.name, tool.details.get("env")),
                                     start_new_session=True)
             failure = None
             try:

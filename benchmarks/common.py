@@ -32,8 +32,15 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
+    memory = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory = int(line.split()[1]) * 1024  # kB
+                break
     return {
-        "cpu_count": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
+        "cpu_count": os.cpu_count(), "cpu_model": model, "memory_bytes": memory,
+        "python": platform.python_version(),
         "kernel": f"{platform.system()} {platform.release()}", "machine": platform.machine(),
         "load_average": os.getloadavg(),
         "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"),

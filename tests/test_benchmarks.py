@@ -156,3 +156,70 @@ def test_sandbox_smoke_run_times_process_against_bwrap(tmp_path: Path) -> None:
     assert "bwrap" in report["results"] or "bwrap" in report["skipped"]
     for entry in report["results"].values():
         assert entry["jobs_per_second"] > 0 and entry["vs_process"] > 0
+
+
+RUN = ROOT / "benchmarks" / "run.py"
+
+
+def run_bench(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(RUN), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_run_quick_measures_every_workload_and_writes_json_markdown_and_goal_lines(
+        tmp_path: Path) -> None:
+    out, md = tmp_path / "latest.json", tmp_path / "benchmarks.md"
+    # Dask, Ray and Celery start clusters that take seconds each: their runs are left out here
+    # (the next test covers how a peer is skipped); parallel is skipped when not installed,
+    # PostgreSQL when its server is not reachable (in CI: a failure, see the fleet test)
+    p = run_bench("--quick", "--peers", "parallel,xargs,processpool", "--json", str(out),
+                  "--markdown", str(md))
+    assert p.returncode == 0, f"stdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+    report: dict[str, Any] = json.loads(out.read_text())
+    assert list(report["workloads"]) == ["W1", "W2", "W3", "W4", "W5", "W6"]
+    w = report["workloads"]
+    assert set(w["W1"]["workloads"]["true"]["tools"]) >= {"jobfleet", "xargs"}
+    assert set(w["W2"]["modes"]) == {"unchunked", "chunksize=10"}
+    for mode in w["W2"]["modes"].values():
+        assert set(mode["tools"]) == {"jobfleet", "processpool"}
+        assert mode["tools"]["jobfleet"]["calls_per_second"] > 0
+    pg = "skipped" not in report["postgres"]
+    assert set(w["W3"]["stores"]) == {"sqlite"} | ({"postgres"} if pg else set())
+    assert w["W4"]["jobs"] == 2000 and 0 < w["W4"]["peak_rss_max"] < 1e9
+    assert set(w["W5"]["queues"]) == {"100", "1000"}
+    assert set(w["W6"]["configurations"]) == {"sqlite-1"} | (
+        {"postgres-2", "postgres-4"} if pg else set())
+    if os.environ.get("CI"):
+        assert pg, report["postgres"]
+    for name in ("dask", "ray", "celery"):
+        assert report["peers"][name] == {"skipped": "not in --peers"}
+    # a line per goal, PASS/FAIL marked as not a verdict at these sizes
+    statuses = {(g["workload"], g["status"]) for g in report["goals"]}
+    assert {wl for wl, _ in statuses} == {"W1", "W2", "W3", "W4", "W5", "W6"}
+    for g in report["goals"]:
+        assert g["line"] in p.stdout
+        if g["status"] in ("PASS", "FAIL"):
+            assert g["line"].endswith("[--quick sizes: not a verdict]")
+    assert any(g["status"] == "SKIP" and "ray" in g["line"] for g in report["goals"])
+    text = md.read_text()
+    assert "python benchmarks/run.py --quick" in text and "## Machine and versions" in text
+    for heading in ("## W1", "## W2", "## W3", "## W4", "## W5", "## W6", "## Goals"):
+        assert heading in text
+    assert report["versions"]["jobfleet"] and report["machine"]["memory_bytes"] > 0
+    # the Markdown can be written again from the JSON alone
+    again = run_bench("--from-json", str(out), "--markdown", str(tmp_path / "again.md"))
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again.md").read_text() == text
+
+
+def test_run_skips_a_peer_that_cannot_be_set_up_and_says_why(tmp_path: Path) -> None:
+    out = tmp_path / "latest.json"
+    p = run_bench("--quick", "--only", "W2", "--peers", "processpool,dask",
+                  "--dask-python", str(tmp_path / "no-python"), "--json", str(out))
+    assert p.returncode == 0, f"stdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+    assert "skipping dask:" in p.stdout and "no-python" in p.stdout
+    report = json.loads(out.read_text())
+    assert "no-python" in report["peers"]["dask"]["skipped"]
+    assert list(report["workloads"]) == ["W2"]
+    assert set(report["workloads"]["W2"]["modes"]["unchunked"]["tools"]) == {"jobfleet",
+                                                                             "processpool"}
