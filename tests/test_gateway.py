@@ -393,3 +393,28 @@ def test_the_local_provider_starts_workers_that_hold_only_a_token(
         del os.environ["PGPASSWORD"]
         provider.terminate([m.id for m in provider.list()])
     assert [m for m in provider.list() if m.phase != "stopped"] == []
+
+
+def test_run_on_a_fleet_in_gateway_mode_gives_workers_only_a_worker_token(
+        jf: Jobfleet, gw: Gateway, tmp_path: Path) -> None:
+    """`[fleet] server` and `worker_token_file`: `jobfleet run --provider local` keeps the
+    store to itself and starts workers that speak only to the server."""
+    token = gw.token_file("worker")
+    fleet = f"gwrun{os.getpid()}"
+    (tmp_path / "jobfleet.toml").write_text(
+        f'[fleet]\nname = "{fleet}"\nserver = "{gw.url}"\nworker_token_file = "{token}"\n'
+        f'max_workers = 2\n[providers.local]\nstate_dir = "{tmp_path / "fleets"}"\n')
+    write_csv(tmp_path / "jobs.csv", ["command"], [["env"]] + [["sleep 0.2"]] * 7)
+    p = jf("run", "jobs.csv", "--provider", "local", timeout=120, check=0)
+    assert "8 succeeded" in p.stdout and "nothing is left" in p.stdout
+    run = jf.json("runs")[0]["run"]
+    seen = jf.log(run, 1)
+    assert "JOBFLEET_SERVER" not in seen and "JOBFLEET_TOKEN" not in seen  # jobs see neither
+    log = next((tmp_path / "fleets" / fleet).glob("*.log")).read_text()
+    assert str(jf.store_path) not in log and gw.url in log
+    workers = {w["worker"] for w in jf.json("workers")}
+    assert any(w.startswith(fleet) for w in workers)
+
+    (tmp_path / "jobfleet.toml").write_text(f'[fleet]\nserver = "{gw.url}"\n')
+    p = jf("run", "jobs.csv", "--provider", "local", check=2)
+    assert "worker_token_file is not" in p.stderr

@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -13,6 +14,7 @@ from rich.markup import escape
 
 from jobfleet.cli.app import BlobsOpt, JsonOpt, StoreOpt, app, connect, err, out, settings
 from jobfleet.cli.fmt import ago, dumps
+from jobfleet.errors import ConfigError
 
 if TYPE_CHECKING:
     from jobfleet.blobs import Blobs
@@ -87,10 +89,18 @@ def launch_spec(fs: FleetSettings, s: Settings, db: Store, blobs: Blobs,
     # what libpq reads besides the URL (a password kept out of it, TLS files) goes along, in
     # the environment; cloud credentials do not: workers get their own (a role, the host's)
     env.update({k: v for k, v in os.environ.items() if k in _PASSED_ON})
+    token = None
+    if fs.server and fs.worker_token_file:  # gateway mode: workers get only a worker token
+        try:
+            token = Path(fs.worker_token_file).expanduser().read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"[fleet] worker_token_file = {fs.worker_token_file}: {e.strerror}",
+                              hint="create it with `jobfleet token create --role worker"
+                                   " --out FILE`") from None
     return LaunchSpec(
         fleet=fs.name, run_id=run_id, slots=fs.slots or s.slots,
         idle_exit=fs.idle_exit if idle_exit is None else idle_exit, lease_seconds=lease,
-        env=env, version=__version__)
+        env=env, version=__version__, server=fs.server, token=token, ca_file=fs.ca_file)
 
 
 def warn_if_unreachable(fs: FleetSettings, db: Store, blobs: Blobs) -> None:

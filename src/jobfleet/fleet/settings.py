@@ -42,6 +42,9 @@ _PARSERS: dict[str, Any] = {
     "max_hourly_cost": _dollars,
     "max_total_cost": _dollars,
     "absolute_timeout": parse_duration,
+    "server": lambda v: str(v).strip(),
+    "worker_token_file": lambda v: str(v).strip(),
+    "ca_file": lambda v: str(v).strip(),
 }
 #: the variable for each setting that has one
 _VARIABLES = {"provider": "PROVIDER", "name": "FLEET", "max_workers": "MAX_WORKERS",
@@ -66,6 +69,11 @@ class FleetSettings:
     max_total_cost: float | None = None
     absolute_timeout: float | None = None  # seconds a run may take, from its creation
     prices: dict[str, float] = field(default_factory=dict)  # [prices]: instance type -> $/h
+    #: gateway mode: workers take jobs from this `jobfleet server` with the worker token in
+    #: this file, trusting the CA in ca_file (a path where the workers run)
+    server: str | None = None
+    worker_token_file: str | None = None
+    ca_file: str | None = None
     providers: dict[str, dict[str, object]] = field(default_factory=dict)  # their tables
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -124,6 +132,10 @@ def load_fleet_settings(flags: Mapping[str, object] | None = None, *,
     chosen = s.providers.setdefault(s.provider, {})
     chosen.update({k: v for k, v in (provider_flags or {}).items() if v is not None})
     check_ceiling(s.max_workers, s.workers_ceiling)
+    if s.server and not s.worker_token_file:
+        raise ConfigError(f"{s.sources['server']}: server is set but worker_token_file is not",
+                          hint="create one with `jobfleet token create --role worker --out FILE`"
+                               " and set [fleet] worker_token_file = FILE")
     return s
 
 
