@@ -389,3 +389,31 @@ def test_not_utf8_and_wrong_top_level(tmp_path: Path) -> None:
     path.write_bytes(b"command\necho caf\xe9\n")
     assert "not UTF-8" in str(error(path))
     assert "expected a mapping" in str(error(write(tmp_path, "jobs.yaml", "hello\n")))
+
+
+# --- the stored form -------------------------------------------------------------------------
+
+SPECS = [
+    JobSpec("true"),
+    JobSpec('echo "é \\u2028\x01" \'x\'', env={"A": "b"}, params={"x": "y\n", "": "q"}),
+    JobSpec("a", cpus=2), JobSpec("a", cpus=1), JobSpec("a", name="n", params={"p": "1"}),
+    JobSpec("x", outputs=("a",), skip_if_done=True, min_size=3, stall_after=None),
+    JobSpec("x", params={"n": 3, 4: "x"}),  # type: ignore[dict-item]  # not text: still JSON
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=range(len(SPECS)))
+def test_to_json_is_compact_json_of_what_differs_from_the_defaults(spec: JobSpec) -> None:
+    defaults = JobSpec("")
+    expected = {"command": spec.command}
+    for name in JobSpec.__dataclass_fields__:
+        if name not in ("command", "env", "params") and getattr(spec, name) != getattr(defaults, name):
+            expected[name] = getattr(spec, name)
+    for name in ("env", "params"):
+        if getattr(spec, name):
+            expected[name] = {str(k): v for k, v in getattr(spec, name).items()}
+    text = spec.to_json()
+    assert json.loads(text) == json.loads(json.dumps(expected))
+    assert text == json.dumps(expected, separators=(",", ":"), ensure_ascii=False)
+    if all(isinstance(k, str) and isinstance(v, str) for k, v in spec.params.items()):
+        assert JobSpec.from_json(text) == spec
