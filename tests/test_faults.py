@@ -112,14 +112,14 @@ def _outage(jf: Jobfleet, cluster: Cluster, tmp_path: Path) -> None:
 
     jf.env["JOBFLEET_STORE"] = cluster.url
     effects = tmp_path / "effects.log"
-    n = 30
+    n = 20
     write_csv(tmp_path / "jobs.csv", ["command", "n", "effects"],
-              [["sleep 0.3; echo {n} >> {effects}; echo done {n}", i, str(effects)]
+              [["sleep 0.2; echo {n} >> {effects}; echo done {n}", i, str(effects)]
                for i in range(1, n + 1)])
     run = jf.submit("jobs.csv")
-    worker = jf.popen("worker", "--slots", "2", "--lease-seconds", "30", "--idle-exit", "3")
+    worker = jf.popen("worker", "--slots", "2", "--lease-seconds", "30", "--idle-exit", "1")
     with open_store(cluster.url) as db:
-        wait_for(lambda: db.counts(run)["succeeded"] >= 6, 60, what="some jobs to succeed")
+        wait_for(lambda: db.counts(run)["succeeded"] >= 4, 60, what="some jobs to succeed")
     cluster.stop()
     stopped = time.monotonic()
     # the jobs running now end while the store is away; the worker holds on to their results
