@@ -114,6 +114,22 @@ def test_submit_stores_every_job_queued_in_order(store: Store) -> None:
     assert store.run(run_id).total == 5
 
 
+def test_big_submissions_and_appends_keep_every_job_its_number_spec_and_payload(
+        store: Store) -> None:
+    # more jobs than one insert statement holds, and a part statement after them
+    specs = [job(f"echo {i}", name=f"n{i}", cpus=1 + i % 3, max_attempts=1 + i % 4,
+                 retry_on=(i % 5,) if i % 2 else ()) for i in range(1, 351)]
+    payloads = [f"p{i}".encode() for i in range(1, 351)]
+    run_id = store.submit(NewRun(source="test"), specs[:230], payloads[:230])
+    assert store.append(run_id, specs[230:], payloads[230:]) == 231
+    assert store.run(run_id).total == 350 and store.counts(run_id)["queued"] == 350
+    stored = store.jobs(run_id)
+    assert [j.seq for j in stored] == list(range(1, 351))
+    assert [j.spec for j in stored] == specs
+    got = store.lease("w", Capacity(350, 1000.0, 0), 60.0)
+    assert sorted((le.seq, le.payload) for le in got) == list(enumerate(payloads, 1))
+
+
 def test_submit_is_all_or_nothing(store: Store) -> None:
     def jobs() -> Iterator[JobSpec]:
         yield job("echo 1")
