@@ -19,7 +19,7 @@ import pytest
 from conftest import Jobfleet, wait_for, write_csv
 from gateway_server import ProcessServer, ThreadServer, make_ca, make_token
 from jobfleet.errors import NotFound
-from jobfleet.gateway import connect
+from jobfleet.gateway import connect, wire
 from jobfleet.gateway.client import AccessDenied
 from jobfleet.gateway.server import create_server
 from jobfleet.spec import JobSpec
@@ -418,3 +418,31 @@ def test_run_on_a_fleet_in_gateway_mode_gives_workers_only_a_worker_token(
     (tmp_path / "jobfleet.toml").write_text(f'[fleet]\nserver = "{gw.url}"\n')
     p = jf("run", "jobs.csv", "--provider", "local", check=2)
     assert "worker_token_file is not" in p.stderr
+
+
+def test_a_resent_append_is_done_once_and_a_new_one_always(jf: Jobfleet, gw: Gateway) -> None:
+    """An append resent after a lost answer is found by its request id; an append whose first
+    try never landed is made, even when the run already ends with the same jobs."""
+    import http.client
+    import json as jsonlib
+    from urllib.parse import urlsplit
+
+    admin = gw.as_("admin")
+    run_id = admin.submit(NewRun(), [JobSpec("true")] * 2)
+    token = gw.token("admin")
+    url = urlsplit(gw.url)
+
+    def post(request_id: str) -> int:
+        c = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+        c.request("POST", f"/v1/client/runs/{run_id}/jobs",
+                  body=jsonlib.dumps({"jobs": [JobSpec("true").to_json()] * 2,
+                                      "request": request_id}),
+                  headers={"Authorization": f"Bearer {token}", wire.RETRY_HEADER: "1",
+                           "Content-Type": "application/json"})
+        answer = jsonlib.loads(c.getresponse().read())
+        return int(answer["first"])
+
+    assert post("first-try-lost") == 3  # never landed before: appended, though the tail matches
+    assert post("first-try-lost") == 3  # its answer lost: found, not appended again
+    assert post("another") == 5
+    assert admin.run(run_id).total == 6

@@ -72,11 +72,12 @@ def append(request: Request, run_id: str, body: Json) -> Response:
     gate.run(p, run_id)
     specs, payloads = _specs(body)
     store = gate.store()
-    if _retrying(request) and specs:  # did the first try append them?
-        tail = store.jobs(run_id)[-len(specs):]
-        if [j.spec_json for j in tail] == [s.to_json() for s in specs]:
-            return _ok({"first": tail[0].seq})
-    return _ok({"first": store.append(run_id, specs, payloads)})
+    asked = body.get("request")
+    if _retrying(request) and asked:  # did the first try append them?
+        first = store.appended_by(run_id, str(asked))
+        if first is not None:
+            return _ok({"first": first})
+    return _ok({"first": store.append(run_id, specs, payloads, request=asked)})
 
 
 @client.get("/runs", summary="Runs this token may read, newest first (or by id prefix)")

@@ -212,9 +212,10 @@ class GatewayStore(Store):
         return str(got["run"])
 
     def append(self, run_id: str, jobs: Iterable[JobSpec],
-               payloads: Iterable[bytes] | None = None) -> int:
+               payloads: Iterable[bytes] | None = None, request: str | None = None) -> int:
+        # the same id goes with every try, so a try after a lost answer is done only once
         got = self._s.json("POST", f"/v1/client/runs/{run_id}/jobs", json={
-            "jobs": [j.to_json() for j in jobs],
+            "jobs": [j.to_json() for j in jobs], "request": request or secrets.token_hex(8),
             "payloads": None if payloads is None else [wire.b64(p) for p in payloads]})
         return int(got["first"])
 

@@ -255,8 +255,18 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def append(self, run_id: str, jobs: Iterable[JobSpec],
-               payloads: Iterable[bytes] | None = None) -> int:
-        """Add jobs to an existing run in one transaction; returns the first new seq."""
+               payloads: Iterable[bytes] | None = None, request: str | None = None) -> int:
+        """Add jobs to an existing run in one transaction; returns the first new seq.
+
+        `request` (an id the caller chose) is kept with the `appended` event, so a caller
+        that lost the answer can ask `appended_by` whether it was done."""
+
+    def appended_by(self, run_id: str, request: str) -> int | None:
+        """The first seq of the append made with `request`, if one was."""
+        for e in reversed(self.events(run_id)):
+            if e.kind == "appended" and e.detail.get("request") == request:
+                return int(str(e.detail["first"]))
+        return None
 
     # -- the worker's side ------------------------------------------------------------------
     @abc.abstractmethod

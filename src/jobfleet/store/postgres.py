@@ -130,7 +130,7 @@ class PostgresStore(Store):
         return self._tx(submit)
 
     def append(self, run_id: str, jobs: Iterable[JobSpec],
-               payloads: Iterable[bytes] | None = None) -> int:
+               payloads: Iterable[bytes] | None = None, request: str | None = None) -> int:
         specs, pays = list(jobs), None if payloads is None else list(payloads)
         now = self.clock()
         earlier: list[int] = []  # the first seq an earlier try would have used
@@ -145,7 +145,10 @@ class PostgresStore(Store):
             first = int(row[0]) + 1
             earlier[:] = [first]
             added = self._insert_jobs(c, run_id, first, specs, pays)
-            self._event(c, now, "appended", run_id, jobs=added)
+            said: dict[str, object] = {"jobs": added, "first": first}
+            if request:
+                said["request"] = request
+            self._event(c, now, "appended", run_id, None, None, **said)
             if added:
                 c.execute(_NOTIFY)
             return first

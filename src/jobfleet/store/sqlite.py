@@ -169,7 +169,7 @@ class SQLiteStore(Store):
         return run_id
 
     def append(self, run_id: str, jobs: Iterable[JobSpec],
-               payloads: Iterable[bytes] | None = None) -> int:
+               payloads: Iterable[bytes] | None = None, request: str | None = None) -> int:
         now = self.clock()
         with self._tx() as c:
             row = c.execute("SELECT total FROM runs WHERE id = ?", (run_id,)).fetchone()
@@ -177,7 +177,10 @@ class SQLiteStore(Store):
                 raise NotFound(f"no run '{run_id}' in {self.path}")
             first = row[0] + 1
             added = self._insert_jobs(c, run_id, first, jobs, payloads)
-            self._event(c, now, "appended", run_id, jobs=added)
+            said: dict[str, object] = {"jobs": added, "first": first}
+            if request:
+                said["request"] = request
+            self._event(c, now, "appended", run_id, None, None, **said)
         return int(first)
 
     @staticmethod
