@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from jobfleet.errors import SpecError
-from jobfleet.spec import JobSpec, each_jobs, iter_jobs, read_jobs
+from jobfleet.spec import JobSpec, each_jobs, iter_jobs, make_job, read_jobs
 
 
 def write(tmp_path: Path, name: str, text: str, encoding: str = "utf-8") -> Path:
@@ -417,3 +417,18 @@ def test_to_json_is_compact_json_of_what_differs_from_the_defaults(spec: JobSpec
     assert text == json.dumps(expected, separators=(",", ":"), ensure_ascii=False)
     if all(isinstance(k, str) and isinstance(v, str) for k, v in spec.params.items()):
         assert JobSpec.from_json(text) == spec
+
+
+def test_a_plain_row_makes_the_same_frozen_jobspec_as_the_constructor(tmp_path: Path) -> None:
+    import dataclasses
+
+    path = write(tmp_path, "jobs.csv", "command,sample\nprocess {sample},S 1\n")
+    (got,) = read_jobs(path)
+    assert type(got) is JobSpec
+    assert got == JobSpec("process 'S 1'", params={"sample": "S 1"})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        got.command = "x"  # type: ignore[misc]
+    path.write_text("command\na\0b\n")
+    assert "NUL" in str(error(path))
+    with pytest.raises(SpecError, match="Unicode"):  # as a JSON \\u escape can give
+        make_job("a\udc80", {}, {}, {"p": "1"})

@@ -113,3 +113,10 @@ def test_compiled_template_is_reused_and_cheap() -> None:
 def test_non_text_template_is_an_error() -> None:
     with pytest.raises(SpecError, match="must be text"):
         compile_template(5, source="j.json", line=2)  # type: ignore[arg-type]
+
+
+def test_percent_signs_braces_and_repeated_fields_render_as_written() -> None:
+    t = compile_template("printf '100%%s %d\\n' {a} {b} {a} {{x}}")
+    assert t({"a": "x y", "b": "%s"}) == "printf '100%%s %d\\n' 'x y' %s 'x y' {x}"
+    assert compile_template("50% {{}}")({}) == "50% {}"
+    assert compile_template("n={n}", shell=False)({"n": 3}) == "n=3"  # type: ignore[dict-item]

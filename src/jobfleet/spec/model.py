@@ -6,7 +6,7 @@ import json
 import math
 import operator
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
@@ -105,6 +105,48 @@ _ENCODE_STR = json.encoder.encode_basestring  # what _ENCODE does with a str
 #: the plain fields but `command`, read in one call, and their defaults
 _GET_REST = operator.attrgetter(*(k for k, _ in _PLAIN_DEFAULTS if k != "command"))
 _DEFAULT_REST = tuple(v for k, v in _PLAIN_DEFAULTS if k != "command")
+
+
+class _Unfrozen:
+    """JobSpec's slots, settable: what _plain_spec fills before it becomes a JobSpec."""
+
+    __slots__ = JobSpec.__slots__
+
+
+def _compile_plain_spec() -> Callable[[str, dict[str, str]], JobSpec]:
+    """A function making JobSpec(command, env={}, params=params), fast.
+
+    A frozen dataclass's __init__ sets each of JobSpec's 22 fields through object.__setattr__,
+    which costs more than all the rest of reading a job-file row. This function fills an
+    unfrozen object of the same layout instead, then makes it a JobSpec (assigning __class__,
+    which Python allows between classes with the same slots). It is generated from the fields,
+    as dataclasses generates __init__, and checked: when it would not give the JobSpec the
+    constructor gives (a field with a default factory, another Python), the constructor is used.
+    """
+    plain = [f.name for f in fields(JobSpec) if f.name not in ("command", "env", "params")]
+
+    def slow(command: str, params: dict[str, str]) -> JobSpec:
+        return JobSpec(command=command, env={}, params=params)
+
+    if any(f.default_factory is not MISSING for f in fields(JobSpec) if f.name in plain):
+        return slow
+    lines = ["def make(command, params):", "    o = _Unfrozen()"]
+    lines += [f"    o.{name} = _default_{name}" for name in plain]
+    lines += ["    o.command = command", "    o.env = {}", "    o.params = params",
+              "    o.__class__ = JobSpec", "    return o"]
+    namespace: dict[str, Any] = {"_Unfrozen": _Unfrozen, "JobSpec": JobSpec}
+    namespace.update((f"_default_{name}", _DEFAULTS[name]) for name in plain)
+    try:
+        exec("\n".join(lines), namespace)
+        made = namespace["make"]("x", {"k": "v"})
+        if type(made) is JobSpec and made == slow("x", {"k": "v"}):
+            return namespace["make"]  # type: ignore[no-any-return]
+    except (TypeError, AttributeError):  # __class__ cannot be assigned here
+        pass
+    return slow
+
+
+_plain_spec = _compile_plain_spec()
 
 
 def _encode_texts(m: Mapping[str, str]) -> str:
@@ -289,8 +331,9 @@ def make_job(
                 _PARSED.clear()
             _PARSED[key, raw] = value
     if not kwargs and not env:  # the usual row: a command and its parameters
-        _check_text(command, source=source, line=line, column="command")
-        return JobSpec(command=command, env={}, params=dict(params))
+        if "\0" in command or not command.isascii():  # (ASCII without NUL is fine)
+            _check_text(command, source=source, line=line, column="command")
+        return _plain_spec(command, dict(params))
     clean_env: dict[str, str] = {}
     secret = list(kwargs.get("secret_env", ()))
     for k, v in env.items():

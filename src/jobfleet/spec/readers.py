@@ -137,6 +137,7 @@ def _read_table(f: TextIO, source: str, base: Layer, reader: Any) -> Iterator[Jo
         base.fields, base.env, base.command, base.written)
     templated_paths = any(n in _PATHS for n, _ in reserved) or any(
         k in base_fields for k in _PATHS)
+    last_cell, last_template = None, None  # rows mostly share their command template
 
     while (nxt := _next_row(reader, source)) is not None:
         line, row = nxt
@@ -165,8 +166,9 @@ def _read_table(f: TextIO, source: str, base: Layer, reader: Any) -> Iterator[Jo
                                 column="command", hint="fill the cell, or give a default command")
             command = base_command(written, source=source, line=line)
         elif "{" in cell or "}" in cell:
-            command = compile_template(cell, source=source, line=line)(
-                written, source=source, line=line)
+            if cell != last_cell or last_template is None:
+                last_cell, last_template = cell, compile_template(cell, source=source, line=line)
+            command = last_template(written, source=source, line=line)
         else:
             command = cell
         if templated_paths:

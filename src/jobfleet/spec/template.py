@@ -13,6 +13,7 @@ import difflib
 import re
 from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
+from operator import itemgetter
 from shlex import quote
 
 from jobfleet.errors import SpecError
@@ -37,12 +38,17 @@ class _Bad(Exception):
 class Template:
     """A compiled template; call it with the parameters of one job."""
 
-    __slots__ = ("text", "names", "shell", "_fmt", "_literal", "_quote")
+    __slots__ = ("text", "names", "shell", "_fmt", "_literal", "_quote", "_get", "_one")
 
-    def __init__(self, text: str, names: tuple[str, ...], fmt: str, shell: bool) -> None:
+    def __init__(self, text: str, names: tuple[str, ...], fmt: str, shell: bool,
+                 occurrences: tuple[str, ...] = ()) -> None:
+        """`fmt`: the literal text with '%' doubled and a `%s` per field occurrence, whose
+        names are `occurrences` in order (`names`: each name once)."""
         self.text, self.names, self.shell, self._fmt = text, names, shell, fmt
-        self._literal = None if names else fmt.format()
+        self._literal = None if names else fmt % ()
         self._quote: Callable[[str], str] = quote if shell else str
+        self._get = itemgetter(*occurrences) if occurrences else None
+        self._one = len(occurrences) == 1  # itemgetter returns the value itself, not a tuple
 
     def __call__(
         self,
@@ -54,11 +60,14 @@ class Template:
     ) -> str:
         if self._literal is not None:
             return self._literal
+        assert self._get is not None
         try:
-            values = [params[n] for n in self.names]
+            values = self._get(params)
         except KeyError as e:
             raise _unknown(e.args[0], params, source, line, column) from None
-        return self._fmt.format(*map(self._quote, values))
+        if self._one:
+            return self._fmt % self._quote(values)
+        return self._fmt % tuple(map(self._quote, values))
 
     def __repr__(self) -> str:
         return f"Template({self.text!r}, shell={self.shell})"
@@ -118,6 +127,7 @@ def _unknown(
 def _compile(template: str, shell: bool) -> Template:
     fmt: list[str] = []
     names: dict[str, int] = {}
+    occurrences: list[str] = []
     pieces: list[tuple[str, str | None]] = []  # (literal text before, field name or None)
     literal: list[str] = []
     pos = 0
@@ -133,21 +143,23 @@ def _compile(template: str, shell: bool) -> Template:
         if tok == "}":
             raise _Bad(f"single '}}' at character {m.start() + 1}: {_excerpt(template, m)}")
         name = m.group(1)
-        index = names.setdefault(name, len(names))
+        names.setdefault(name, len(names))
+        occurrences.append(name)
         text = "".join(literal)
         literal.clear()
         pieces.append((text, name))
-        fmt.append(_escape(text) + "{" + str(index) + "}")
+        fmt.append(_escape(text) + "%s")
     text = "".join(literal) + template[pos:]
     pieces.append((text, None))
     fmt.append(_escape(text))
     if shell and names:
         _check_shell_context(pieces)
-    return Template(template, tuple(names), "".join(fmt), shell)
+    return Template(template, tuple(names), "".join(fmt), shell, tuple(occurrences))
 
 
 def _escape(text: str) -> str:
-    return text.replace("{", "{{").replace("}", "}}")
+    """Literal text for a %-format."""
+    return text.replace("%", "%%")
 
 
 def _excerpt(template: str, m: re.Match[str]) -> str:
