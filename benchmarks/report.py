@@ -65,10 +65,14 @@ def tables(w: str, r: dict[str, Any]) -> list[tuple[str, Table]]:
     if w == "W5":
         first = next(iter(r["queues"]))
         rows = [[f"{int(n):,}", f"{e['median']:,.0f}", f"{e['per_job_ms']:.3f}",
-                 _vs(r["ratios"].get(f"{n}/{first}"))] for n, e in r["queues"].items()]
+                 _vs(r["ratios"].get(f"{n}/{first}")),
+                 f"{e['worker_cpu_median']:.2f}" if "worker_cpu_median" in e else ""]
+                for n, e in r["queues"].items()]
         return [(f"one worker ({r['slots']} slots) takes the first {r['take']:,} `true` jobs of a "
-                 f"queue of N, {r['repeat']} interleaved runs per N; first start to last end",
-                 (["queued N", "jobs/s", "ms/job", f"vs {int(first):,}"], rows))]
+                 f"queue of N, {r['repeat']} interleaved runs per N; jobs/s from the first start "
+                 "to the last end; worker CPU: user + system seconds of the worker and its jobs, "
+                 "start-up included",
+                 (["queued N", "jobs/s", "ms/job", f"vs {int(first):,}", "worker CPU s"], rows))]
     if w == "W6":
         rows = [[name, str(c["workers"]), f"{c['median']:.3f}", f"{c['jobs_per_second']:,.0f}",
                  _vs(r["ratios"].get(f"{name}/sqlite-1"))]

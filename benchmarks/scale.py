@@ -8,7 +8,9 @@ would write: a command template and one parameter that differs on every row.
 W5 builds, once per size N, a store whose queue holds N `true` jobs, then per repetition copies
 it and lets one `jobfleet worker --slots 2 --max-jobs M` take the first M jobs; the throughput
 is M over the span from the first job's recorded start to the M-th job's recorded end, so the
-worker's interpreter start-up is left out. The per-job cost must not grow with N.
+worker's interpreter start-up is left out. The per-job cost must not grow with N. The worker's
+CPU time (with its jobs', from wait4) is reported too: it is less disturbed by a busy machine
+than the wall time, so a cost that grows with N shows there first.
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ def write_job_file(path: Path, n: int) -> int:
     return path.stat().st_size
 
 
-def _wait_rusage(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, float]:
-    """Wait for `proc` (killing its group at `timeout`); (exit status, peak RSS in bytes)."""
+def _wait_rusage(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, float, float]:
+    """Wait for `proc` (killing its group at `timeout`); (exit status, peak RSS in bytes, CPU
+    seconds, user and system, of it and the children it waited for)."""
     timer = threading.Timer(timeout, lambda: _killpg(proc.pid))
     timer.start()
     try:
@@ -54,7 +57,8 @@ def _wait_rusage(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, fl
     finally:
         timer.cancel()
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss * 1024.0  # Linux: kilobytes
+    # Linux: ru_maxrss in kilobytes
+    return proc.returncode, usage.ru_maxrss * 1024.0, usage.ru_utime + usage.ru_stime
 
 
 def _killpg(pid: int) -> None:
@@ -77,7 +81,7 @@ def submit_once(jobfleet: str, job_file: Path, n: int, scratch: Path, timeout: f
             proc = subprocess.Popen(argv, cwd=folder, stdin=subprocess.DEVNULL, stdout=output,
                                     stderr=subprocess.STDOUT, env=clean_env(),
                                     start_new_session=True)
-            code, peak = _wait_rusage(proc, timeout)
+            code, peak, _ = _wait_rusage(proc, timeout)
             seconds = time.perf_counter() - t0
             if code != 0:
                 output.seek(0)
@@ -133,6 +137,8 @@ def drain_once(template: Path, run_id: str, n: int, take: int, scratch: Path, ti
     store = folder / "jobfleet.db"
     try:
         shutil.copyfile(template, store)
+        with open(store, "rb+") as f:  # on disk before the worker starts: no writeback then
+            os.fsync(f.fileno())
         argv = [sys.executable, "-m", "jobfleet", "worker", "--slots", str(W5_SLOTS),
                 "--max-jobs", str(take), "--run", run_id, "--idle-exit", "30"]
         env = clean_env() | {"JOBFLEET_STORE": str(store), "JOBFLEET_BLOBS": str(folder / "b")}
@@ -140,16 +146,11 @@ def drain_once(template: Path, run_id: str, n: int, take: int, scratch: Path, ti
             t0 = time.perf_counter()
             proc = subprocess.Popen(argv, cwd=folder, env=env, stdin=subprocess.DEVNULL,
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                code = proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                _killpg(proc.pid)
-                proc.wait()
-                code = None
+            code, _, cpu = _wait_rusage(proc, timeout)
             wall = time.perf_counter() - t0
         if code != 0:
             tail = (folder / "worker.log").read_bytes()[-TAIL:].decode("utf-8", "replace")
-            why = f"did not exit within {timeout:.0f}s" if code is None else f"exited with {code}"
+            why = f"exited with {code} (-9: killed after {timeout:.0f}s)"
             raise BenchmarkError(f"W5: the worker on a queue of {n} {why}:\n{tail}")
         with open_store(store) as db:
             jobs = db.jobs(run_id, limit=take)
@@ -161,7 +162,7 @@ def drain_once(template: Path, run_id: str, n: int, take: int, scratch: Path, ti
         first = min(j.started_at for j in done if j.started_at is not None)
         last = max(j.finished_at for j in done if j.finished_at is not None)
         return {"seconds": last - first, "jobs_per_second": take / (last - first),
-                "worker_wall": wall}
+                "worker_wall": wall, "worker_cpu": cpu}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -169,5 +170,7 @@ def drain_once(template: Path, run_id: str, n: int, take: int, scratch: Path, ti
 def summarise_drain(samples: list[dict[str, Any]], take: int) -> dict[str, Any]:
     rates = [s["jobs_per_second"] for s in samples]
     median = statistics.median(rates)
+    cpu = [s["worker_cpu"] for s in samples]
     return {"jobs_per_second": rates, "median": median, "per_job_ms": 1000 / median,
-            "worker_wall": [s["worker_wall"] for s in samples], "taken": take}
+            "worker_wall": [s["worker_wall"] for s in samples], "worker_cpu": cpu,
+            "worker_cpu_median": statistics.median(cpu), "taken": take}
