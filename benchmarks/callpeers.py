@@ -106,9 +106,10 @@ def child_celery(inc: Callable[[int], int], inc_chunk: Callable[[list[int]], lis
         seconds = time.perf_counter() - t0
         mapped = time.time()
         sent.forget()  # the results leave Redis now, not when they expire
-    # the queue's binding, which Redis would keep
+    # the queue's bindings, which Redis would keep
     with contextlib.suppress(Exception), celeryapp.app.connection_for_write() as conn:
-        conn.default_channel.client.delete(f"_kombu.binding.{queue}")
+        conn.default_channel.client.delete(f"_kombu.binding.{queue}",
+                                           f"_kombu.binding_permanent.{queue}")
     return {"version": celery.__version__, "imported": imported, "ready": ready,
             "mapped": mapped, "map_seconds": seconds, "shutdown_seconds": time.time() - mapped,
             "results": results}
