@@ -52,7 +52,8 @@ def test_max_total_cost_stops_the_run_and_it_goes_on_later(jf: Jobfleet, local: 
 def test_absolute_timeout_stops_the_run(jf: Jobfleet, local: Path) -> None:
     config(local, name="b2", absolute_timeout="3s", max_workers=1, slots=1)
     jobs = write_csv(local / "jobs.csv", ["command"], [["sleep 30"]] * 3)
-    p = jf("run", str(jobs), timeout=90, check=1)
+    # the workers it stops drain for a second, not the default 30 s
+    p = jf("run", str(jobs), timeout=90, check=1, env={"JOBFLEET_DRAIN_SECONDS": "1"})
     assert "stopped: timeout" in p.stderr
     run = jf.json("runs")[0]["run"]
     assert jf.json("status", run)["state"] == "stopped: timeout"
