@@ -83,8 +83,7 @@ def worker(
     token_file: TokenFileOpt = None,
     ca_file: CaFileOpt = None,
 ) -> None:
-    """Take jobs from the store (or a `jobfleet server`) and run them until stopped (SIGTERM
-    drains, twice releases)."""
+    """Take jobs from the store (or a `jobfleet server`) and run them; SIGTERM drains, twice releases."""
     from jobfleet.worker import Worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker: %(message)s")

@@ -137,8 +137,7 @@ def server(
     store: StoreOpt = None,
     blobs: BlobsOpt = None,
 ) -> None:
-    """Serve the worker gateway (/v1) and the dashboard: workers and clients use a token
-    (`jobfleet token create`) instead of the store's credentials."""
+    """Serve the worker gateway (/v1) and the dashboard: workers and clients need only a token."""
     from jobfleet.dashboard.access import TOKEN_ENV, is_loopback, new_token
 
     if (cert is None) != (key is None):

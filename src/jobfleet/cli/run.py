@@ -149,8 +149,7 @@ def run(
     store: StoreOpt = None,
     blobs: BlobsOpt = None,
 ) -> None:
-    """Run every job with a live progress bar (on this machine, or on workers a --provider
-    starts); exit 1 if any job failed."""
+    """Run every job, here or on a --provider's workers, with a live progress bar; exit 1 if any failed."""
     from jobfleet.cli.watch import ProgressView, summary
     from jobfleet.worker import Worker, capacity
 
