@@ -52,6 +52,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 #: kinds of moment a worker is killed at
 MOMENTS = ("random", "after-lease", "completion")
+#: how long after a database restart a process that could not connect is one that was
+#: starting as the server went down, seconds; and what it then says
+_STARTING_WITHIN = 5.0
+_REFUSED = "check that the PostgreSQL server is running"
 
 
 @dataclass
@@ -92,6 +96,9 @@ class Report:
     lost_output: int = 0  # lost attempts that ran (their side effect is there) but left no log
     leftover_processes: int = 0
     unexpected_exits: int = 0  # workers that ended by themselves before the end
+    #: processes that were starting when the database restarted: they could not connect,
+    #: said so and exited (a store is retried once connected, not while first opening)
+    refused_at_start: int = 0
     integrity: str | None = None  # SQLite's integrity_check
     problems: list[str] = field(default_factory=list)  # the first few, spelled out
 
@@ -144,6 +151,7 @@ class Soak:
                  say: Callable[[str], None] = lambda _: None) -> None:
         self.folder, self.store, self.plan, self.restart, self.say = folder, store, plan, restart, say
         self.rng = random.Random(plan.seed)
+        self._restarted_at = float("-inf")  # monotonic time of the last database restart
         self.mark = f"{self.rng.randrange(10**6):06d}"
         self.effects = folder / f"effects-{self.mark}.log"
         self.blobs = folder / "blobs"
@@ -287,6 +295,7 @@ class Soak:
                     assert self.restart is not None
                     self.say(f"restarting the database at {done}/{p.jobs}")
                     self.restart()
+                    self._restarted_at = time.monotonic()
                     r.restarts += 1
             self._replace_exited()
             time.sleep(0.02)
@@ -307,8 +316,12 @@ class Soak:
 
     def _exited(self, who: str, proc: subprocess.Popen[bytes]) -> None:
         r = self.report
-        r.unexpected_exits += 1
         said = self.outputs[proc.pid].read_text(errors="replace").strip().splitlines()[-1:]
+        if (time.monotonic() - self._restarted_at < _STARTING_WITHIN
+                and any(_REFUSED in line for line in said)):
+            r.refused_at_start += 1  # it started as the database went down: started again
+            return
+        r.unexpected_exits += 1
         r.problem(f"{who} (pid {proc.pid}) exited with status {proc.returncode}: {said}")
         if r.unexpected_exits >= 5:
             raise RuntimeError("workers keep exiting by themselves:\n" + "\n".join(r.problems))
@@ -484,6 +497,7 @@ def table(r: Report) -> str:
         ("missing logs", f"{r.missing_logs} (lost attempts that ran with no log: {r.lost_output})"),
         ("processes left", r.leftover_processes),
         ("unexpected exits", r.unexpected_exits),
+        ("refused at start", r.refused_at_start),
         ("integrity_check", r.integrity or "-"),
     ]
     return "\n".join(f"{k:<18} {v}" for k, v in rows)
