@@ -61,7 +61,7 @@ def test_autoscaler_grows_with_the_queue_and_drains_idle_workers(
     os.environ["XDG_CACHE_HOME"] = str(cache.parent.parent)
     try:
         with jf.open_store() as db:
-            run_id = db.submit(NewRun(), [JobSpec("sleep 2")] * 6 + [JobSpec("sleep 6")])
+            run_id = db.submit(NewRun(), [JobSpec("sleep 2")] * 6 + [JobSpec("sleep 12")])
             provider = provider_named("local", T2)
             spec = LaunchSpec(T2, run_id, slots=1, idle_exit=30,
                               env={"JOBFLEET_STORE": db.location,

@@ -96,12 +96,11 @@ def _guarded(name: str, check: Callable[[], Check]) -> Check:
 def _provider_checks(flags: FleetFlags) -> list[Check]:
     """The provider's settings, then whether what it starts workers on answers (hosts over
     SSH, Slurm's controller, AWS), then its quotas where it can read them (aws)."""
-    from jobfleet.cli.fleet import fleet_settings, open_provider
-    from jobfleet.cli.run import fleet_configured
+    from jobfleet.cli.fleet import fleet_chosen, fleet_settings, open_provider
     from jobfleet.fleet import FAILED
 
     names = ("provider credentials", "reachable hosts", "quotas")
-    if not (flags.given() or os.environ.get("JOBFLEET_PROVIDER") or fleet_configured()):
+    if not fleet_chosen(flags):
         return [Check(name, "SKIP", _NO_PROVIDER) for name in names]
     try:
         fs = fleet_settings(flags)

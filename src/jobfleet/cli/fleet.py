@@ -62,6 +62,21 @@ class FleetFlags:
         return any(v is not None for v in (self.provider, self.hosts, self.ssh_key))
 
 
+def fleet_chosen(flags: FleetFlags) -> bool:
+    """Does this command run on a fleet: a provider given by a flag, JOBFLEET_PROVIDER or
+    [fleet] provider in jobfleet.toml? (A plain `run` decides without loading the fleet's
+    settings unless the file names a provider.)"""
+    from jobfleet.config import config_path
+
+    if flags.given():
+        return True
+    path = config_path()
+    if not (os.environ.get("JOBFLEET_PROVIDER")
+            or (path.is_file() and "provider" in path.read_text())):
+        return False
+    return fleet_settings(flags).sources["provider"] != "default"
+
+
 def fleet_settings(flags: FleetFlags) -> FleetSettings:
     from jobfleet.fleet.settings import load_fleet_settings
 

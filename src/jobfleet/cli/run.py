@@ -33,6 +33,7 @@ from jobfleet.cli.fleet import (
     MaxWorkersOpt,
     ProviderOpt,
     SshKeyOpt,
+    fleet_chosen,
 )
 from jobfleet.cli.fmt import dumps, size
 from jobfleet.cli.sandboxing import (
@@ -157,7 +158,7 @@ def run(
     s = settings(store, blobs, slots=slots, lease_seconds=lease_seconds)
     run_id = secrets.token_hex(4)
     flags = FleetFlags(provider, fleet, max_workers, keep_alive, hosts, ssh_key)
-    if flags.given() or os.environ.get("JOBFLEET_PROVIDER") or fleet_configured():
+    if fleet_chosen(flags):
         raise typer.Exit(run_on_fleet(jobs, source, name, s, run_id, flags))
     options = worker_options(s, run_id=run_id, until_done=True, worker_id=f"w{run_id[:4]}-1",
                              **sandbox_options(sandbox, inherit_env, keep_workspaces,
@@ -186,14 +187,6 @@ def run(
                   f"`jobfleet worker --run {run_id}`, or `jobfleet cancel {run_id}`.")
         code = 130
     raise typer.Exit(code)
-
-
-def fleet_configured() -> bool:
-    """Does jobfleet.toml choose a provider ([fleet] provider = ...)?"""
-    from jobfleet.config import config_path
-
-    path = config_path()
-    return path.is_file() and "[fleet]" in path.read_text()
 
 
 def run_on_fleet(jobs: Iterable[JobSpec], source: str, name: str | None, s: Settings,

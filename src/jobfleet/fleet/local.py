@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from jobfleet.fleet.base import (
@@ -118,24 +118,25 @@ class LocalProvider(Provider):
 
     def terminate(self, ids: Sequence[str]) -> None:
         pids = {wid: pid for wid in ids if (pid := self._pid(wid)) is not None}
-        for wid, pid in pids.items():
-            if running(pid, wid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)  # the worker drains
-        until = time.monotonic() + DRAIN
-        while any(running(pid, wid) for wid, pid in pids.items()) and time.monotonic() < until:
-            self.list()  # reaps our own children
-            time.sleep(0.05)
-        killed = {wid: pid for wid, pid in pids.items() if running(pid, wid)}
-        for pid in killed.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-        until = time.monotonic() + _KILLED_GONE_WITHIN
-        while any(running(pid, wid) for wid, pid in killed.items()) and time.monotonic() < until:
-            self.list()
-            time.sleep(0.02)
+        left = self._stop(pids, lambda pid: os.kill(pid, signal.SIGTERM), DRAIN)  # drains
+        self._stop(left, lambda pid: os.killpg(pid, signal.SIGKILL), _KILLED_GONE_WITHIN)
         for wid in ids:
             (self.dir / f"{wid}.pid").unlink(missing_ok=True)
+
+    def _stop(self, pids: dict[str, int], send: Callable[[int], None],
+              within: float) -> dict[str, int]:
+        """`send` to each worker still running, then wait up to `within` seconds for them to
+        be gone; the ones still there."""
+        live = {wid: pid for wid, pid in pids.items() if running(pid, wid)}
+        for pid in live.values():
+            with contextlib.suppress(ProcessLookupError):
+                send(pid)
+        until = time.monotonic() + within
+        while live and time.monotonic() < until:
+            self.list()  # reaps our own children
+            time.sleep(0.02)
+            live = {wid: pid for wid, pid in live.items() if running(pid, wid)}
+        return live
 
     def describe(self) -> dict[str, object]:
         return {"provider": self.name, "fleet": self.fleet, "where": "this machine",
