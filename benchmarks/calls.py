@@ -8,8 +8,9 @@ script) with the same number of workers, in a fresh Python process of its own pe
     ray          ray.init(num_cpus=2); ray.get([ray.remote(inc).remote(x) for x in xs])
     processpool  list(ProcessPoolExecutor(2).map(inc, xs))   (a reference, not a competitor)
 
-The map alone is timed inside that process (after `ray.init` returned or the executor was
-constructed); the total from the process's launch to the end of the map is reported too.
+The map alone is timed inside that process (after `ray.init` returned, or the executor was
+constructed and `wait_for_workers()` returned: both start their workers first); the total
+from the process's launch to the end of the map is reported too.
 Runs are interleaved (jobfleet, ray, processpool, jobfleet, ...) and the table gives medians.
 See benchmarks/README.md.
 
@@ -158,6 +159,7 @@ def child_jobfleet(n: int, workers: int, store: str, blobs: str, chunksize: int 
 
     imported = time.time()
     ex = jobfleet.Executor(workers=workers, store=store, blobs=blobs)
+    ex.wait_for_workers()  # its worker is up before the timer, as ray.init()'s cluster is
     ready = time.time()
     t0 = time.perf_counter()
     results = list(ex.map(inc, range(n), chunksize=chunksize))

@@ -48,6 +48,12 @@ def _w1(r: dict[str, Any], peers: dict[str, Any], q: bool) -> list[dict[str, Any
     else:
         out.append(_goal("W1", "SKIP", f"`true` vs xargs: xargs skipped "
                          f"({peers.get('xargs', {}).get('skipped', 'not run')})", q))
+    if "xargs" in tools and "py-floor" in tools:
+        floor = tools["py-floor"]["jobs_per_second"] / tools["xargs"]["jobs_per_second"]
+        mine = jf["jobs_per_second"] / tools["py-floor"]["jobs_per_second"]
+        out.append(_goal("W1", "INFO", f"`true`: a bare Python loop that only starts and waits"
+                         f" for the jobs (py-floor, recording nothing) runs {floor:.2f}x xargs's"
+                         f" rate; jobfleet runs {mine:.2f}x the floor's", q))
     for entry in r["workloads"].values():
         rates = ", ".join(f"{name} {t['jobs_per_second']:,.0f}" for name, t in
                           entry["tools"].items())

@@ -35,6 +35,8 @@ WORKLOADS = {"true": "true", "sleep": "sleep 0.01", "echo": "echo jobfleet-bench
 #: what a workload prints: every attempt's log must hold exactly this (none: no log file)
 OUTPUT = {"echo": b"jobfleet-bench\n"}
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "overhead.json"
+#: the reference that shows the floor of a runner written in Python (see find_floor)
+FLOOR = "py-floor"
 #: the peer and workload the project's target is stated against
 TARGET_PEER, TARGET_WORKLOAD = "parallel", "true"
 #: where the jobfleet wall time goes, in order; each is a span between two recorded instants
@@ -126,6 +128,14 @@ def find_xargs() -> Tool:
     return Tool("xargs", exe, version=version or "unknown", details={"gnu": gnu})
 
 
+def find_floor() -> Tool:
+    """A reference, not a competitor: a bare Python loop that starts and waits for the jobs as
+    jobfleet does, recording nothing (benchmarks/spawnfloor.py)."""
+    script = Path(__file__).resolve().parent / "spawnfloor.py"
+    return Tool(FLOOR, sys.executable, version=f"Python {sys.version.split()[0]}",
+                details={"script": str(script)})
+
+
 def argv_of(tool: Tool, slots: int, store: str = "<tmp>/jobfleet.db", blobs: str = "<tmp>/blobs"
             ) -> list[str]:
     """The command line of a tool; peers read one command per line on stdin."""
@@ -134,6 +144,8 @@ def argv_of(tool: Tool, slots: int, store: str = "<tmp>/jobfleet.db", blobs: str
         return [tool.exe, "run", "jobs.csv", "--slots", str(slots), "--store", store, "--blobs", blobs]
     if tool.name == "parallel":
         return [tool.exe, "--will-cite", "-j", str(slots)]
+    if tool.name == FLOOR:
+        return [tool.exe, str(tool.details["script"]), "--slots", str(slots)]
     if tool.name == "xargs":
         delim = ["-d", "\\n"] if tool.details.get("gnu") else []
         return [tool.exe, "-P", str(slots), *delim, "-I", "{}", "sh", "-c", "{}"]
@@ -338,7 +350,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def benchmark(a: argparse.Namespace) -> dict[str, Any]:
-    tools = [find_jobfleet(a.jobfleet), find_parallel(a.require_parallel), find_xargs()]
+    tools = [find_jobfleet(a.jobfleet), find_parallel(a.require_parallel), find_xargs(),
+             find_floor()]
     for t in tools:
         if t.skip_reason:
             print(f"skipping {t.name}: {t.skip_reason}")

@@ -46,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_JSON = HERE / "results" / "latest.json"
 DEFAULT_MARKDOWN = HERE.parent / "docs" / "benchmarks.md"
 WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6")
-COMMAND_PEERS = ("parallel", "xargs")
+COMMAND_PEERS = ("parallel", "xargs", overhead.FLOOR)
 CALL_PEERS = ("processpool", "dask", "ray", "celery")
 PEERS = COMMAND_PEERS + CALL_PEERS
 
@@ -242,7 +242,8 @@ def find_peers(ctx: Context, stack: contextlib.ExitStack) -> dict[str, dict[str,
             if name not in wanted:
                 note(name, None, "not in --peers")
                 continue
-            t = peers.find_parallel(a.install) if name == "parallel" else overhead.find_xargs()
+            t = (peers.find_parallel(a.install) if name == "parallel" else
+                 overhead.find_floor() if name == overhead.FLOOR else overhead.find_xargs())
             note(name, t.version, t.skip_reason)
             if t.exe:
                 ctx.command_peers.append(t)

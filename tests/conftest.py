@@ -34,9 +34,25 @@ def wait_for(predicate: Callable[[], T], timeout: float, interval: float = 0.05,
         time.sleep(interval)
 
 
-def pids_with(marker: str) -> list[int]:
+class Pids(list[int]):
+    """Process ids that show each one's command line when printed, so that a failed
+    `assert not pids_with(...)` says what was left running."""
+
+    def __repr__(self) -> str:
+        return repr({pid: _cmdline(pid) for pid in self})
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace").strip()
+    except OSError:
+        return "(gone)"
+
+
+def pids_with(marker: str) -> Pids:
     """Live (non-zombie) processes whose command line contains `marker`."""
-    found = []
+    found = Pids()
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue

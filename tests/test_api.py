@@ -3,15 +3,19 @@ warm interpreters that really die. Functions live in the scripts' `__main__`, as
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
-from conftest import Jobfleet, wait_for
+from conftest import Jobfleet, pids_with, wait_for
 from jobfleet.api import wire
+from jobfleet.spec import make_job
+from jobfleet.store import NewRun
 
 
 def script(jf: Jobfleet, body: str, *args: str, timeout: float = 120) -> Any:
@@ -211,6 +215,108 @@ def test_local_workers_exit_when_idle(jf: Jobfleet) -> None:
             return all(w.state == "stopped" for w in db.workers())
         wait_for(stopped, 20, what="the run's worker to exit when idle")
     assert Path(jf.blobs / "workers" / f"{out['run']}.log").exists()
+
+
+def processes_in(folder: Path) -> list[str]:
+    """Command lines of the live jobfleet processes (workers, warm interpreters) working in
+    `folder`: the executor's worker starts in its caller's folder, its interpreters too."""
+    found = []
+    for pid in pids_with("jobfleet"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/cwd") == str(folder):
+                found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+    return found
+
+
+def test_an_executor_never_used_leaves_no_process_behind(jf: Jobfleet) -> None:
+    """The worker starts with the executor, before any call (so it is ready sooner); an
+    executor that stores nothing stops it at shutdown, without waiting for its idle exit."""
+    out = script(jf, """
+        from jobfleet.store import open_store
+
+        def registered(db, deadline):
+            while not db.workers() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return db.workers()
+
+        if __name__ == "__main__":
+            db = open_store(os.environ["JOBFLEET_STORE"])
+            ex = jobfleet.Executor(workers=2)
+            [before] = registered(db, time.monotonic() + 60)  # no call made
+            began = time.monotonic()
+            ex.shutdown()
+            took = time.monotonic() - began
+            [after] = db.workers()
+            with jobfleet.Executor(workers=1):  # shut down as its worker may still be starting
+                pass
+            print(json.dumps({"run": ex.run_id, "before": before.state, "after": after.state,
+                              "took": took, "runs": len(db.runs())}))
+    """)
+    assert out["run"] is None and out["runs"] == 0  # no run was stored
+    assert out["before"] == "running" and out["after"] == "stopped"
+    assert out["took"] < 3.0  # stopped by shutdown, not by its 3 s idle exit
+    assert processes_in(jf.cwd) == []  # shutdown waited: neither worker nor interpreters left
+
+
+def test_wait_for_workers_returns_once_the_worker_is_in_the_store(jf: Jobfleet) -> None:
+    out = script(jf, """
+        from jobfleet.store import open_store
+
+        def inc(x):
+            return x + 1
+
+        if __name__ == "__main__":
+            db = open_store(os.environ["JOBFLEET_STORE"])
+            with jobfleet.Executor(workers=0) as none:
+                none.wait_for_workers(timeout=0)  # no local worker: nothing to wait for
+            with jobfleet.Executor(workers=2) as ex:
+                ex.wait_for_workers()
+                seen = [(w.state, w.slots) for w in db.workers()]
+                values = list(ex.map(inc, range(300), chunksize=100))
+            print(json.dumps({"seen": seen, "values": values}))
+    """)
+    assert out["seen"] == [["running", 2]]
+    assert out["values"] == list(range(1, 301))
+
+
+def test_an_executor_whose_worker_idled_out_before_the_first_call_starts_another(
+        jf: Jobfleet) -> None:
+    out = script(jf, """
+        from jobfleet.store import open_store
+
+        def inc(x):
+            return x + 1
+
+        if __name__ == "__main__":
+            db = open_store(os.environ["JOBFLEET_STORE"])
+            with jobfleet.Executor(workers=1) as ex:
+                deadline = time.monotonic() + 60  # the caller is slow: the worker exits idle
+                while not (db.workers() and db.workers()[0].state == "stopped"
+                           and time.monotonic() < deadline):
+                    time.sleep(0.05)
+                values = list(ex.map(inc, range(50)))
+            print(json.dumps({"values": values, "workers": [w.state for w in db.workers()]}))
+    """)
+    assert out["values"] == list(range(1, 51))
+    assert len(out["workers"]) == 2
+
+
+def test_a_worker_started_for_a_run_not_stored_yet_serves_it_once_stored(jf: Jobfleet) -> None:
+    worker = jf.popen("worker", "--run", "feed0001", "--slots", "2", "--idle-exit", "5")
+    with jf.open_store() as db:
+        wait_for(db.workers, 30, what="the worker to register")
+        db.submit(NewRun(source="test", workdir=str(jf.cwd), id="feed0001"),
+                  [make_job(f"echo job {i}", {}, {}, {}) for i in range(3)])
+    out, err = worker.communicate(timeout=60)
+    assert worker.returncode == 0, err
+    assert "run feed0001 (not stored yet: waiting for it)" in out
+    assert "3 succeeded" in out
+    assert [jf.log("feed0001", i) for i in (1, 2, 3)] == ["job 0\n", "job 1\n", "job 2\n"]
+    # a run that never comes: the worker gives up at its idle exit and says so
+    p = jf("worker", "--run", "feed0002", "--idle-exit", "0.5", check=2)
+    assert "no run feed0002 was stored" in p.stderr
+    # a malformed id is still refused at once
+    assert "is not a run id" in jf("worker", "--run", "no-such!", check=2).stderr
 
 
 def test_executor_on_postgresql_and_s3_keeps_the_password_off_command_lines(

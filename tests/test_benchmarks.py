@@ -31,8 +31,8 @@ def test_smoke_run_writes_timings_for_jobfleet_and_its_peers(tmp_path: Path) -> 
     assert p.returncode == 0, f"stdout:\n{p.stdout}\nstderr:\n{p.stderr}"
     report: dict[str, Any] = json.loads(out.read_text())
     assert set(report["results"]) == {"true", "sleep"}
-    expected = {"jobfleet", "xargs"} | ({"parallel"} if "skipped" not in report["tools"]["parallel"]
-                                        else set())
+    expected = {"jobfleet", "xargs", "py-floor"} | (
+        {"parallel"} if "skipped" not in report["tools"]["parallel"] else set())
     for workload, result in report["results"].items():
         assert set(result["tools"]) == expected, workload
         for name, entry in result["tools"].items():
@@ -73,7 +73,7 @@ def test_missing_parallel_is_skipped_unless_required(tmp_path: Path) -> None:
     assert "parallel was skipped" in checked.stderr
     report = json.loads(out.read_text())
     assert "skipped" in report["tools"]["parallel"]
-    assert set(report["results"]["true"]["tools"]) == {"jobfleet", "xargs"}
+    assert set(report["results"]["true"]["tools"]) == {"jobfleet", "xargs", "py-floor"}
     assert report["check"]["passed"] is False
 
 

@@ -317,3 +317,41 @@ def test_run_refuses_a_job_this_machine_could_never_run(jf: Jobfleet, tmp_path: 
     p = jf("run", "jobs.csv", check=2, timeout=30)
     assert "job 2 needs" in p.stderr and "this machine offers" in p.stderr, p.stderr
     assert jf.json("runs") == before
+
+
+# --- the command line loads only the module of the command it runs ---------------------------
+
+
+def test_each_command_works_with_only_its_own_module_loaded() -> None:
+    """`jobfleet CMD` imports only CMD's module (jobfleet.cli.COMMANDS says which): each
+    module must register the commands listed for it, and the list must name every command."""
+    import subprocess
+
+    probe = (
+        "import sys, jobfleet.cli as cli\n"
+        "cli.load_commands(sys.argv[1:])\n"
+        "app = cli.app\n"
+        "names = [c.name or c.callback.__name__ for c in app.registered_commands]\n"
+        "names += [g.name for g in app.registered_groups]\n"
+        "print(' '.join(names))\n"
+    )
+
+    def registered(*argv: str) -> set[str]:
+        out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True,
+                             text=True, check=True).stdout
+        return set(out.split())
+
+    from jobfleet.cli import COMMANDS
+
+    everything = registered("--help")
+    assert everything == {name for names in COMMANDS.values() for name in names}
+    for module, names in COMMANDS.items():
+        loaded = registered(names[0], "--help")
+        assert set(names) <= loaded, f"jobfleet {names[0]} does not load {module}'s commands"
+        assert loaded < everything, f"jobfleet {names[0]} loaded every command module"
+
+
+def test_version(jf: Jobfleet) -> None:
+    from jobfleet import __version__
+
+    assert jf("--version").stdout.strip() == f"jobfleet {__version__}"

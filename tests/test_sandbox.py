@@ -70,6 +70,9 @@ def test_each_attempt_has_an_empty_workspace_that_is_removed(jf: Jobfleet) -> No
     kept = run(jf, ["command"], [[cmd], [cmd]], "--keep-workspaces", "--slots", "1")
     homes = [Path(str(kept[s]["log"]).split()[0]) for s in ("1", "2")]
     assert homes[0] != homes[1] and all((h / "left-behind").exists() for h in homes)
+    # the next worker on this machine tidies up after dead workers, but not what was kept
+    run(jf, ["command"], [[tidy]])
+    assert all((h / "left-behind").exists() for h in homes)
     shutil.rmtree(homes[0].parent)
 
 

@@ -1,5 +1,5 @@
 """`python -m jobfleet` runs the command line."""
 
-from jobfleet.cli import main
+from jobfleet.cli import program
 
-main()
+program()

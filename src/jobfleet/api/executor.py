@@ -71,8 +71,14 @@ class _Calls:
         return known[1].encode() + b"\n" + call
 
 
-def _apply_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
-    return [fn(*args) for args in chunk]
+#: how long shutdown() waits for an unused worker to exit after SIGTERM before killing it, s
+_STOP_WAIT = 10.0
+#: a local worker that exited is started again no sooner than this after the last start, s
+_RESTART_AFTER = 1.0
+
+
+#: runs stored before the chunk function moved to `wire` name it here
+_apply_chunk = wire.apply_chunk
 
 
 def _local_slots(workers: int | None) -> int:
@@ -89,6 +95,10 @@ class Executor(_Executor):
 
     `workers`: slots of the local worker started for this executor (default: CPU count);
     0 starts none (workers elsewhere serve the store). `store`/`blobs`: as for the CLI.
+
+    The local worker starts here, not at the first call: it imports and connects while the
+    caller builds its calls, serving a run id chosen now (`run_id` shows it once the run is
+    stored). Unused, it exits when idle or at `shutdown()`.
     """
 
     def __init__(self, workers: int | None = None, *, store: str | None = None,
@@ -98,7 +108,8 @@ class Executor(_Executor):
         self._name = name
         self._defaults = CallOptions().but(**options)
         self._calls = _Calls(self._blobs)
-        self.run_id: str | None = None
+        self._run_id = os.urandom(4).hex()  # chosen now, so the worker can wait for it
+        self.run_id: str | None = None  # set once the run is stored
         self._lock = threading.Condition()
         self._queue: list[tuple[JobSpec, Callable[..., Any], tuple[Any, ...], dict[str, Any],
                                 Future[Any]]] = []
@@ -106,7 +117,10 @@ class Executor(_Executor):
         self._cancels: list[int] = []
         self._shutdown = False
         self._worker: subprocess.Popen[bytes] | None = None
+        self._worker_since = 0.0  # monotonic: when it was started
         self._thread: threading.Thread | None = None
+        if self._workers:
+            self._start_worker()
 
     # -- concurrent.futures -----------------------------------------------------------------
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
@@ -115,6 +129,29 @@ class Executor(_Executor):
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int = 1) -> Iterator[Any]:
         return self._map(fn, iterables, timeout, chunksize, self._defaults)
+
+    def wait_for_workers(self, timeout: float | None = 60.0) -> None:
+        """Block until this executor's local worker has started and taken its place in the
+        store (as `ray.init()` or Dask's `Client.wait_for_workers()` wait for theirs), so the
+        first calls start at once. Returns at once with `workers=0`. Raises TimeoutError, or
+        RuntimeError when the worker exited (its log is in .jobfleet/workers/ or the blob
+        store's workers/ folder)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                worker = self._worker
+            if worker is None:
+                return
+            if any(w.pid == worker.pid and w.run_id == self._run_id and w.state == "running"
+                   for w in self._store.workers()):
+                return
+            if worker.poll() is not None:
+                raise RuntimeError(f"the executor's worker exited with status {worker.returncode}"
+                                   " before it started; its log says why (workers/ beside the"
+                                   " blob store, or .jobfleet/workers/)")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"the executor's worker did not start within {timeout:g}s")
+            time.sleep(0.01)
 
     def options(self, **options: Any) -> _Bound:
         """This executor with other per-call options (cpus, memory, timeout, max_attempts, name)."""
@@ -132,6 +169,24 @@ class Executor(_Executor):
             self._lock.notify_all()
         if wait and self._thread is not None:
             self._thread.join()
+        self._stop_unused_worker(wait)
+
+    def _stop_unused_worker(self, wait: bool) -> None:
+        """Stop the worker started for a run that will never be stored: nothing was submitted
+        (or what was, was cancelled before it was stored). One serving a stored run is left
+        to finish and exit when idle, as a detached run's is."""
+        with self._lock:
+            storing = self._thread is not None and self._thread.is_alive()
+            worker = self._worker
+            if self.run_id is not None or storing or worker is None or worker.poll() is not None:
+                return
+        worker.terminate()  # SIGTERM: an idle worker exits at once
+        if wait:
+            try:
+                worker.wait(_STOP_WAIT)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
 
     # -- the work -----------------------------------------------------------------------------
     def _submit(self, spec: JobSpec, fn: Callable[..., Any], args: tuple[Any, ...],
@@ -151,7 +206,7 @@ class Executor(_Executor):
         items = list(zip(*iterables, strict=False))
         if chunksize > 1:
             chunks = [items[i:i + chunksize] for i in range(0, len(items), chunksize)]
-            futures = [self._submit(_spec(fn, opts, f"{len(c)} items"), _apply_chunk, (fn, c), {})
+            futures = [self._submit(_spec(fn, opts, f"{len(c)} items"), wire.apply_chunk, (fn, c), {})
                        for c in chunks]
         else:
             spec = _spec(fn, opts)
@@ -193,6 +248,8 @@ class Executor(_Executor):
                     self._store.cancel(job.run_id, job.key)
                 found = self._collect(since)
                 since = max(since, found - OVERLAP)
+                if self._futures:
+                    self._keep_worker()
                 delay = next_poll(delay, bool(found))
                 with self._lock:
                     if not self._queue and not self._cancels:
@@ -209,7 +266,7 @@ class Executor(_Executor):
 
     def _store_batch(self, batch: list[Any]) -> None:
         jobs = [spec for spec, *_ in batch]
-        run_id = self.run_id or os.urandom(4).hex()
+        run_id = self._run_id
         payloads = [self._calls.payload(fn, args, kwargs, run_id) for _, fn, args, kwargs, _ in batch]
         if self.run_id is None:
             _new_run(self._store, run_id, self._name, jobs, payloads)
@@ -220,8 +277,20 @@ class Executor(_Executor):
             for seq, (*_, future) in enumerate(batch, first):
                 self._futures[seq] = future
                 future.add_done_callback(lambda f, seq=seq: self._on_done(f, seq))
-        if self._workers and (self._worker is None or self._worker.poll() is not None):
-            self._worker = start_worker(self._store, self._blobs, run_id, self._workers)
+        self._keep_worker()
+
+    def _start_worker(self) -> None:
+        self._worker = start_worker(self._store, self._blobs, self._run_id, self._workers)
+        self._worker_since = time.monotonic()
+
+    def _keep_worker(self) -> None:
+        """Start the local worker again when it has exited while calls wait: it stops after
+        IDLE_EXIT without work, and may have been on its way out as new calls were stored.
+        At most once a second, should it fail at start."""
+        worker = self._worker
+        if (self._workers and worker is not None and worker.poll() is not None
+                and time.monotonic() - self._worker_since >= _RESTART_AFTER):
+            self._start_worker()
 
     def _on_done(self, future: Future[Any], seq: int) -> None:
         if future.cancelled():

@@ -52,7 +52,9 @@ def connect(store: str | None, blobs: str | None) -> tuple[Store, Blobs]:
 
 
 def start_worker(store: Store, blobs: Blobs, run_id: str, slots: int) -> subprocess.Popen[bytes]:
-    """A local worker for the run, in its own session: it outlives this process, exits when idle."""
+    """A local worker for the run (stored, or about to be), in its own session: it outlives
+    this process and exits when idle. The run is of Python calls: it starts its warm
+    interpreters at once."""
     # the worker's own output stays on this machine: beside a local store, else in .jobfleet
     base = blobs.root if isinstance(blobs, LocalBlobs) else Path(".jobfleet").absolute()
     log_dir = base / "workers"
@@ -62,7 +64,7 @@ def start_worker(store: Store, blobs: Blobs, run_id: str, slots: int) -> subproc
     with open(log_dir / f"{run_id}.log", "ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "jobfleet", "worker", "--run", run_id, "--slots", str(slots),
-             "--idle-exit", str(IDLE_EXIT)],
+             "--idle-exit", str(IDLE_EXIT), "--warm-calls"],
             env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
 
 

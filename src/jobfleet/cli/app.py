@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 
 from jobfleet.blobs import Blobs, open_blobs
 from jobfleet.config import Settings, load_settings
 from jobfleet.store import Store, open_store
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from jobfleet.worker import WorkerOptions
 
 app = typer.Typer(
@@ -21,9 +23,56 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from jobfleet import __version__
+
+        print(f"jobfleet {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print jobfleet's version and exit.")
+    ] = False,
+) -> None:
+    # Options of jobfleet itself. Having them also keeps `jobfleet CMD` a command group when
+    # only CMD's module is loaded (see jobfleet.cli.load_commands).
+    pass
+
+
+class LazyConsole:
+    """A rich Console, made on first use: rich takes tens of milliseconds to import, and
+    `jobfleet run` starts its first jobs before it prints anything (its progress thread
+    prints, importing rich while the jobs run). Attributes are the Console's."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        """The Console itself (for rich objects that take one)."""
+        if self._console is None:
+            with self._lock:
+                if self._console is None:
+                    from rich.console import Console
+
+                    self._console = Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.console, name)
+
+
 # soft wrap: a long line (a command to copy) stays one line
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = LazyConsole(highlight=False, soft_wrap=True)
+err = LazyConsole(stderr=True, highlight=False, soft_wrap=True)
 
 StoreOpt = Annotated[
     str | None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Annotated
 
 import typer
@@ -18,7 +19,12 @@ from jobfleet.cli.sandboxing import (
     SandboxOpt,
     sandbox_options,
 )
+from jobfleet.errors import NotFound
 from jobfleet.spec import parse_size
+from jobfleet.store import Store
+
+#: a run id as the stores accept one (see store.base); theirs and the executor's are hex
+_RUN_ID = re.compile(r"[0-9a-z]+")
 
 RefArg = Annotated[str, typer.Argument(metavar="RUN|JOB", help="A run id, or a job id RUN-N.")]
 
@@ -73,6 +79,9 @@ def worker(
     inherit_env: InheritEnvOpt = False,
     keep_workspaces: KeepWorkspacesOpt = False,
     allow_network: NetworkOpt = True,
+    warm_calls: Annotated[bool, typer.Option(
+        "--warm-calls", help="Start a warm Python interpreter per slot at once, for a run of "
+                             "Python calls (jobfleet.Executor's worker does).")] = False,
     spot_watch: Annotated[bool, typer.Option(
         "--spot-watch", envvar="JOBFLEET_SPOT_WATCH",
         help="On an EC2 spot instance: when the instance metadata announces a reclaim, hand "
@@ -91,14 +100,16 @@ def worker(
     sandboxing = sandbox_options(sandbox, inherit_env, keep_workspaces, allow_sandbox,
                                  allow_network, gpus)
     db, blob_store = connect_worker(s, server, token_file, ca_file)
-    run_id = db.run(run).id if run else None
+    run_id, waiting = _run_to_serve(db, run) if run else (None, False)
     opts = worker_options(
         s, cpus=cpus, memory=parse_size(memory) if memory else None,
         idle_exit=idle_exit, max_jobs=max_jobs, run_id=run_id, worker_id=worker_id,
+        warm_calls=warm_calls,
         **sandboxing)
     w = Worker(db, blob_store, opts)
     out.print(f"worker {w.id}: {opts.slots} slots, sandbox {opts.sandbox}, store {db.url}"
-              + (f", run {run_id}" if run_id else ""))
+              + (f", run {run_id}" if run_id else "")
+              + (" (not stored yet: waiting for it)" if waiting else ""))
     watcher = None
     if spot_watch:
         from jobfleet.worker.spot import SpotWatcher
@@ -112,3 +123,20 @@ def worker(
     done = ", ".join(f"{n} {k}" for k, n in sorted(stats.by_status.items())) or "no jobs"
     out.print(f"worker {w.id} stopped: {done}"
               + (f" ({w.interrupted})" if w.interrupted else ""))
+    if waiting and not w.draining and db.pending(run_id or "") is None:  # gave up on it
+        raise NotFound(f"no run {run_id} was stored in {db.url} while the worker waited for it",
+                       hint="`jobfleet runs` lists the runs; check the id and --store")
+
+
+def _run_to_serve(db: Store, ref: str) -> tuple[str, bool]:
+    """(run id, not stored yet) for `worker --run REF`: a stored run, by id or unique prefix,
+    or an id no run has yet. The worker then waits for it (until --idle-exit, or a minute):
+    `jobfleet.Executor` starts its worker before the first call stores the run."""
+    try:
+        return db.run(ref).id, False
+    except NotFound:
+        ref = ref.strip().lower()
+        # "latest", a malformed id, or a prefix of several runs: no run to wait for
+        if ref in ("latest", "last") or not _RUN_ID.fullmatch(ref) or db._runs_by_prefix(ref):
+            raise
+        return ref, True

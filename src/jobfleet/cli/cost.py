@@ -9,7 +9,6 @@ import time
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from jobfleet.cli.app import JsonOpt, app, err, out
 from jobfleet.cli.fleet import (
@@ -21,7 +20,7 @@ from jobfleet.cli.fleet import (
     SshKeyOpt,
     fleet_settings,
 )
-from jobfleet.cli.fmt import dumps, duration
+from jobfleet.cli.fmt import dumps, duration, escape
 from jobfleet.cli.run import Args, EachOpt, load_jobs
 from jobfleet.config import load_settings
 from jobfleet.spec import JobSpec

@@ -7,10 +7,10 @@ import socket
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from jobfleet.blobs import mask_url
 from jobfleet.cli.app import BlobsOpt, StoreOpt, app, out, settings
+from jobfleet.cli.fmt import escape
 from jobfleet.errors import ConfigError
 
 

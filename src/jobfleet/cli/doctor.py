@@ -20,11 +20,10 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import typer
-from rich.markup import escape
 
 from jobfleet.cli.app import BlobsOpt, JsonOpt, StoreOpt, app, out
 from jobfleet.cli.fleet import FleetFlags, FleetOpt, HostsOpt, ProviderOpt, SshKeyOpt
-from jobfleet.cli.fmt import dumps
+from jobfleet.cli.fmt import dumps, escape
 from jobfleet.config import SettingProblem, Settings, load_settings
 from jobfleet.errors import JobfleetError
 from jobfleet.store.urls import conninfo, masked

@@ -13,11 +13,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from jobfleet.blobs import Blobs, log_key
 from jobfleet.cli.app import BlobsOpt, JsonOpt, StoreOpt, app, connect, out, settings
-from jobfleet.cli.fmt import STATE_STYLE, dumps, duration, size
+from jobfleet.cli.fmt import STATE_STYLE, dumps, duration, escape, size
 from jobfleet.store import Job, Store, WorkerInfo
 from jobfleet.store.policy import SANDBOX_ERROR, STALLED
 

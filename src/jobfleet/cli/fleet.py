@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.markup import escape
 
 from jobfleet.cli.app import BlobsOpt, JsonOpt, StoreOpt, app, connect, err, out, settings
-from jobfleet.cli.fmt import ago, dumps
+from jobfleet.cli.fmt import ago, dumps, escape
 from jobfleet.errors import ConfigError
 
 if TYPE_CHECKING:

@@ -15,6 +15,13 @@ STATE_STYLE = {
 }
 
 
+def escape(text: str) -> str:
+    """`text` made safe to print in rich markup (rich is imported on first use)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
 def iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 

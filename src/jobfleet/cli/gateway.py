@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.markup import escape
 
 from jobfleet.cli.app import (
     BlobsOpt,
@@ -22,6 +21,7 @@ from jobfleet.cli.app import (
     out,
     settings,
 )
+from jobfleet.cli.fmt import escape
 from jobfleet.errors import ConfigError, NotFound
 
 if TYPE_CHECKING:

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from jobfleet.cli.app import (
     BlobsOpt,
@@ -35,7 +34,7 @@ from jobfleet.cli.fleet import (
     SshKeyOpt,
     fleet_chosen,
 )
-from jobfleet.cli.fmt import dumps, size
+from jobfleet.cli.fmt import dumps, escape, size
 from jobfleet.cli.sandboxing import (
     AllowSandboxOpt,
     GpusOpt,
@@ -178,8 +177,8 @@ def run(
 
     signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
-    out.print(f"run [bold]{run_id}[/]: {total} jobs, {s.slots} slots  [dim](store {db.url})[/]")
-    with ProgressView(db.url, run_id, total) as view:
+    header = f"run [bold]{run_id}[/]: {total} jobs, {s.slots} slots  [dim](store {db.url})[/]"
+    with ProgressView(db.url, run_id, total, header) as view:
         worker.run(handle_signals=False)
     code = summary(db, blob_store, run_id, time.monotonic() - view.started)
     if stopped:

@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from jobfleet.blobs import mask_url
 from jobfleet.cli.app import BlobsOpt, JsonOpt, StoreOpt, app, out
-from jobfleet.cli.fmt import dumps
+from jobfleet.cli.fmt import dumps, escape
 from jobfleet.config import SettingProblem, Settings, load_settings
 from jobfleet.errors import SpecError
 from jobfleet.store.urls import masked

@@ -5,11 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
-from rich.markup import escape
-
 from jobfleet.blobs import Blobs, log_key
 from jobfleet.cli.app import out
-from jobfleet.cli.fmt import counts_text, duration
+from jobfleet.cli.fmt import counts_text, duration, escape
 from jobfleet.store import Store, open_store
 
 #: failures listed in the summary
@@ -25,8 +23,9 @@ _PLAIN_EVERY = 10.0
 class ProgressView:
     """A progress bar fed from the store by a thread of its own, so it shows every worker."""
 
-    def __init__(self, store_url: str, run_id: str, total: int) -> None:
+    def __init__(self, store_url: str, run_id: str, total: int, header: str = "") -> None:
         self.store_url, self.run_id, self.total = store_url, run_id, total
+        self.header = header  # printed first, by the thread (which imports rich meanwhile)
         self.started = time.monotonic()
         self.note = ""  # shown after the counts (the fleet's size, say)
         self._stop = threading.Event()
@@ -41,6 +40,8 @@ class ProgressView:
         self._thread.join()
 
     def _show(self) -> None:
+        if self.header:
+            out.print(self.header)
         # with no terminal (a CI log): a plain line now and then; the summary says the rest
         if not out.is_terminal and self._stop.wait(_PLAIN_EVERY):
             return
@@ -72,7 +73,7 @@ class ProgressView:
             TextColumn("[dim]{task.fields[rate]}"),
             TextColumn("{task.fields[note]}"),
             TimeRemainingColumn(),
-            console=out,
+            console=out.console,
             refresh_per_second=8,
         )
         with progress:

@@ -61,7 +61,7 @@ def _metadata(version: str) -> tuple[str, str]:
     if not meta:
         meta = f"Metadata-Version: 2.1\nName: jobfleet\nVersion: {version}\n"
     if not entry_points:
-        entry_points = "[console_scripts]\njobfleet = jobfleet.cli:main\n"
+        entry_points = "[console_scripts]\njobfleet = jobfleet.cli:program\n"
     return meta, entry_points
 
 

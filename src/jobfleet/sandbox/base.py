@@ -48,6 +48,10 @@ class Attempt:
     prepared: object = field(default=None)  # what `prepare` made, for `teardown`
 
 
+#: this process's own peak resident memory (KiB) when last asked; see Child.reap
+_own_peak = 0
+
+
 @dataclass(slots=True)
 class Child:
     """A running attempt: its process (leader of its own process group) and a pidfd to poll."""
@@ -73,9 +77,12 @@ class Child:
         os.close(self.pidfd)
         code = os.waitstatus_to_exitcode(status)
         # A child started from this process inherits our memory high-water mark at its first
-        # exec, so its maxrss only tells its own peak when it went above ours.
-        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak = usage.ru_maxrss * 1024 if usage.ru_maxrss > own else None
+        # exec, so its maxrss only tells its own peak when it went above ours. Ours only
+        # grows: it is asked for again only when the child's is above what we knew of it.
+        global _own_peak
+        if usage.ru_maxrss > _own_peak:
+            _own_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = usage.ru_maxrss * 1024 if usage.ru_maxrss > _own_peak else None
         return (code, None, peak) if code >= 0 else (None, -code, peak)
 
 
@@ -127,6 +134,10 @@ def pid_namespace() -> str:
 _WORKSPACES = f"jobfleet-ws-{pid_namespace()}-"
 
 
+#: the file that marks a workspaces folder kept on purpose (--keep-workspaces)
+_KEPT = ".kept"
+
+
 def process_alive(name: str) -> bool:
     """Is the process whose pid starts `name` (`PID-WORKERID`) alive? True if unsure."""
     try:
@@ -156,16 +167,21 @@ class Workspaces:
 
     def open(self) -> None:
         os.makedirs(self.root, mode=0o700, exist_ok=True)
+        if self.keep:  # kept for the user: not tidied away by the next worker (default_root)
+            with open(os.path.join(self.root, _KEPT), "w"):
+                pass
 
     @staticmethod
     def default_root(worker_id: str) -> str:
         """This worker's folder in the temporary folder, named after its pid; those of
-        workers that died without clearing theirs (SIGKILL) are deleted on the way."""
+        workers that died without clearing theirs (SIGKILL) are deleted on the way, unless
+        they were kept (--keep-workspaces)."""
         tmp = tempfile.gettempdir()
         with contextlib.suppress(OSError), os.scandir(tmp) as entries:
             for e in entries:
                 if e.name.startswith(_WORKSPACES) and not process_alive(
-                        e.name[len(_WORKSPACES):]):
+                        e.name[len(_WORKSPACES):]) and not os.path.exists(
+                        os.path.join(e.path, _KEPT)):
                     shutil.rmtree(e.path, ignore_errors=True)
         return os.path.join(tmp, f"{_WORKSPACES}{os.getpid()}-{worker_id}")
 

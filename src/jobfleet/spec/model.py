@@ -88,7 +88,7 @@ class JobSpec:
         for k in ("outputs", "retry_on", "secret_env"):
             if k in d:
                 d[k] = tuple(d[k])
-        return cls(**d)
+        return _new_spec(**d) if cls is JobSpec else cls(**d)
 
 
 
@@ -108,45 +108,48 @@ _DEFAULT_REST = tuple(v for k, v in _PLAIN_DEFAULTS if k != "command")
 
 
 class _Unfrozen:
-    """JobSpec's slots, settable: what _plain_spec fills before it becomes a JobSpec."""
+    """JobSpec's slots, settable: what _new_spec fills before it becomes a JobSpec."""
 
     __slots__ = JobSpec.__slots__
 
 
-def _compile_plain_spec() -> Callable[[str, dict[str, str]], JobSpec]:
-    """A function making JobSpec(command, env={}, params=params), fast.
+def _compile_new_spec() -> Callable[..., JobSpec]:
+    """A function taking JobSpec's fields as its constructor does, only faster.
 
     A frozen dataclass's __init__ sets each of JobSpec's 22 fields through object.__setattr__,
-    which costs more than all the rest of reading a job-file row. This function fills an
-    unfrozen object of the same layout instead, then makes it a JobSpec (assigning __class__,
-    which Python allows between classes with the same slots). It is generated from the fields,
-    as dataclasses generates __init__, and checked: when it would not give the JobSpec the
-    constructor gives (a field with a default factory, another Python), the constructor is used.
+    which costs more than all the rest of reading a job-file row (or a stored job, for a
+    worker). This function fills an unfrozen object of the same layout instead, then makes it
+    a JobSpec (assigning __class__, which Python allows between classes with the same slots).
+    It is generated from the fields, as dataclasses generates __init__, and checked: when it
+    would not give the JobSpec the constructor gives (another Python, say), the constructor
+    is used.
     """
-    plain = [f.name for f in fields(JobSpec) if f.name not in ("command", "env", "params")]
-
-    def slow(command: str, params: dict[str, str]) -> JobSpec:
-        return JobSpec(command=command, env={}, params=params)
-
-    if any(f.default_factory is not MISSING for f in fields(JobSpec) if f.name in plain):
-        return slow
-    lines = ["def make(command, params):", "    o = _Unfrozen()"]
-    lines += [f"    o.{name} = _default_{name}" for name in plain]
-    lines += ["    o.command = command", "    o.env = {}", "    o.params = params",
-              "    o.__class__ = JobSpec", "    return o"]
-    namespace: dict[str, Any] = {"_Unfrozen": _Unfrozen, "JobSpec": JobSpec}
-    namespace.update((f"_default_{name}", _DEFAULTS[name]) for name in plain)
+    names = [f.name for f in fields(JobSpec)]
+    factories = {f.name for f in fields(JobSpec) if f.default_factory is not MISSING}
+    params = ["command"] + [f"{n}=_NONE" if n in factories else f"{n}=_default_{n}"
+                            for n in names if n != "command"]
+    lines = [f"def make({', '.join(params)}):", "    o = _Unfrozen()"]
+    lines += [f"    o.{n} = _factory_{n}() if {n} is _NONE else {n}" if n in factories
+              else f"    o.{n} = {n}" for n in names]
+    lines += ["    o.__class__ = JobSpec", "    return o"]
+    namespace: dict[str, Any] = {"_Unfrozen": _Unfrozen, "JobSpec": JobSpec, "_NONE": object()}
+    for f in fields(JobSpec):
+        if f.name in factories:
+            namespace[f"_factory_{f.name}"] = f.default_factory
+        elif f.name != "command":
+            namespace[f"_default_{f.name}"] = f.default
+    sample = {"command": "x", "params": {"k": "v"}, "cpus": 2.0, "outputs": ("a",)}
     try:
         exec("\n".join(lines), namespace)
-        made = namespace["make"]("x", {"k": "v"})
-        if type(made) is JobSpec and made == slow("x", {"k": "v"}):
+        made = namespace["make"](**sample)
+        if type(made) is JobSpec and made == JobSpec(**sample):  # type: ignore[arg-type]
             return namespace["make"]  # type: ignore[no-any-return]
     except (TypeError, AttributeError):  # __class__ cannot be assigned here
         pass
-    return slow
+    return JobSpec
 
 
-_plain_spec = _compile_plain_spec()
+_new_spec = _compile_new_spec()
 
 
 def _encode_texts(m: Mapping[str, str]) -> str:
@@ -333,7 +336,7 @@ def make_job(
     if not kwargs and not env:  # the usual row: a command and its parameters
         if "\0" in command or not command.isascii():  # (ASCII without NUL is fine)
             _check_text(command, source=source, line=line, column="command")
-        return _plain_spec(command, dict(params))
+        return _new_spec(command, env={}, params=dict(params))
     clean_env: dict[str, str] = {}
     secret = list(kwargs.get("secret_env", ()))
     for k, v in env.items():

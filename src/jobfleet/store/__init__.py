@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from pathlib import Path
 
 from jobfleet.errors import ConfigError
@@ -32,14 +34,31 @@ from jobfleet.store.urls import masked
 __all__ = [
     "STALLED", "STATES", "TERMINAL", "UNSTARTED", "Attempt", "Beat", "Capacity", "Demand",
     "Ended", "Event", "Job", "Lease", "NewRun", "Outcome", "Run", "Store", "Usage", "WorkerInfo", "job_id",
-    "open_store", "state_filter",
+    "close_all", "open_store", "state_filter",
 ]
+
+#: the stores open_store opened that may still be open (see close_all)
+_opened: weakref.WeakSet[Store] = weakref.WeakSet()
 
 
 def open_store(url: str | Path) -> Store:
     """Open the store at `url`: a SQLite path (`sqlite:///abs.db`, `sqlite://rel.db`, or a bare
     path), a PostgreSQL database (`postgresql://user@host:port/db`, also `postgres://`), or a
     `jobfleet server` (`https://host:port`, see jobfleet.gateway)."""
+    store = _open(url)
+    _opened.add(store)
+    return store
+
+
+def close_all() -> None:
+    """Close every store open_store opened that is still referenced (closing twice is
+    harmless): for a process about to end without the interpreter's own cleanup."""
+    for store in list(_opened):
+        with contextlib.suppress(Exception):
+            store.close()
+
+
+def _open(url: str | Path) -> Store:
     text = str(url)
     scheme, sep, rest = text.partition("://")
     if not sep:

@@ -332,16 +332,10 @@ class SQLiteStore(Store):
     def _finish(
         self, c: sqlite3.Connection, now: float, worker_id: str, outcomes: Sequence[Outcome]
     ) -> list[int]:
-        stale: list[int] = []
+        done = [o for o in outcomes if o.status == SUCCEEDED]
+        stale = self._succeed(c, now, worker_id, done) if done else []
         for o in outcomes:
-            if o.status == SUCCEEDED:  # the hot path: two statements settle the job
-                row = c.execute(_Q["succeed"], (o.exit_code, o.started_at, now, o.result, o.key,
-                                                o.token)).fetchone()
-                if row is None:
-                    stale.append(o.key)
-                    continue
-                c.execute(_Q["add_attempt"], (o.key, row[0], worker_id, o.token, SUCCEEDED, row[1],
-                                         now, o.exit_code, None, None, o.peak_rss, o.log))
+            if o.status == SUCCEEDED:
                 continue
             if o.status == UNSTARTED:
                 if not c.execute(_Q["hand_back"], {"key": o.key, "token": o.token, "now": now}
@@ -358,6 +352,24 @@ class SQLiteStore(Store):
             self._settle(c, now, o.key, row[2:], o.status, o.exit_code, o.signal, o.reason,
                          o.peak_rss, o.log, worker_id, o.result)
         return stale
+
+    @staticmethod
+    def _succeed(c: sqlite3.Connection, now: float, worker_id: str, done: list[Outcome]
+                 ) -> list[int]:
+        """The hot path: successes settled by two statements for the whole batch (the attempt
+        is written from the job's row while it is still leased, then the job). Returns the
+        keys whose lease was lost."""
+        c.executemany(_Q["add_success"], [
+            (worker_id, o.started_at, now, o.exit_code, o.peak_rss, o.log, o.key, o.token)
+            for o in done])
+        settled = c.executemany(_Q["succeed"], [
+            (o.exit_code, o.started_at, now, o.result, o.key, o.token) for o in done]).rowcount
+        if settled == len(done):
+            return []
+        return [o.key for o in done if c.execute(  # rare: which leases were lost?
+            "SELECT 1 FROM attempts WHERE job_id = ? AND token = ? AND state = ?",
+            (o.key, o.token, SUCCEEDED)
+        ).fetchone() is None]
 
     def _settle(
         self,

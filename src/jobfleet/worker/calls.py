@@ -1,4 +1,5 @@
-"""Warm interpreters for Python calls: started on demand, reused, replaced after a crash or N calls.
+"""Warm interpreters for Python calls: started on demand (or, with --warm-calls, one per slot as
+the worker starts), reused, replaced after a crash or N calls.
 
 A call job's payload is `DIGEST\\n` + the envelope (see `api.wire`) of the pickled (args,
 kwargs); the function itself is read once from the blob store and handed to each interpreter
@@ -37,6 +38,7 @@ class Runner:
     from_runner: int
     out: int  # its stdout and stderr
     calls: int = 0
+    ready: bool = False  # it said it has imported what it needs
     known: set[str] = field(default_factory=set)
     buffer: bytearray = field(default_factory=bytearray)
 
@@ -79,7 +81,11 @@ class Runner:
             if not data:
                 return None
             self.buffer += data
-        return wire.take_frames(self.buffer)
+        answers = wire.take_frames(self.buffer)
+        if answers and answers[0] == wire.READY:  # said once, first
+            self.ready = True
+            del answers[0]
+        return answers
 
     def signal_group(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from jobfleet.api import wire
@@ -58,6 +58,8 @@ _MAX_AHEAD = 100
 _LOOKS_PER_STALL = 10
 #: CPU seconds that count as using the CPU between two looks (below: clock-tick noise)
 _CPU_NOISE = 0.02
+#: how long a worker with --warm-calls waits for its interpreters before it registers, seconds
+_WARM_WITHIN = 10.0
 #: how long the outcome of a short job may wait to be reported with others, seconds
 _REPORT_WITHIN = 0.01
 
@@ -90,6 +92,7 @@ class WorkerOptions:
     workspaces: str | None = None  # the folder workspaces go in (a temporary one)
     allow_network: bool = True  # may jobs that ask for `network` have it
     gpu_ids: tuple[str, ...] = ()  # the GPUs' device ids; default 0..gpus-1
+    warm_calls: bool = False  # start a warm interpreter per slot at once (a run of Python calls)
 
 
 def machine_memory() -> int:
@@ -179,6 +182,7 @@ class Worker:
         self.draining = False
         self._drain_deadline = 0.0
         self.interrupted: str | None = None  # why the worker was interrupted (see interrupt)
+        self.run_seen = False  # with run_id: that run was found stored (see _run_over)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_lock = threading.Lock()  # interrupt() may come from another thread
         # encoded once, not per job; the workspace and JOBFLEET_* variables are added per
@@ -237,15 +241,21 @@ class Worker:
     def run(self, *, handle_signals: bool = True) -> _Stats:
         """The loop. With `handle_signals` (main thread only), SIGTERM and SIGINT drain it."""
         o = self.opts
+        if handle_signals:  # first: a SIGTERM from now on is recorded as a stop, not a death
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_signal)
+        if o.warm_calls:  # before registering: a registered worker is ready for calls
+            try:
+                self._warm_up()
+            except BaseException:
+                self._stop_runners()
+                raise
         now = time.time()
         self.store.register_worker(WorkerInfo(
             self.id, socket.gethostname(), os.getpid(), o.slots, self.total.cpus,
             self.total.memory, o.gpus,
             o.lease_seconds, o.run_id, "running", now, now, 0))
         log.info("worker %s started", self.id, extra={"action": "worker_started"})
-        if handle_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, self._on_signal)
         self._cgroups = Cgroups.open(self.id)
         for sandbox in self._sandboxes.values():
             if isinstance(sandbox, ProcessSandbox):
@@ -397,24 +407,36 @@ class Worker:
         return self.store.next_due(self.total, self.opts.run_id) is not None
 
     def _run_over(self, age: float) -> bool:
-        """With until_done: has the run nothing left (or never appeared, a minute on)?"""
-        if not (self.opts.until_done and self.opts.run_id):
+        """With run_id: has the run not been stored in time (a minute on, or idle_exit if
+        longer; a worker may be started before its run is stored)? With until_done too: has
+        it nothing left? Asks the store only while the run is not seen, or with until_done."""
+        run_id = self.opts.run_id
+        if run_id is None or (self.run_seen and not self.opts.until_done):
             return False
-        pending = self.store.pending(self.opts.run_id)
-        return pending == 0 or (pending is None and age > _RUN_APPEARS_WITHIN)
+        pending = self.store.pending(run_id)
+        if pending is None:
+            waited = max(_RUN_APPEARS_WITHIN, self.opts.idle_exit or 0.0)
+            if age > waited:
+                log.info("worker %s: run %s was not stored within %gs, exiting", self.id, run_id,
+                         waited, extra={"action": "run_not_stored"})
+                return True
+            return False
+        self.run_seen = True
+        return self.opts.until_done and pending == 0
 
     def _quota_reached(self) -> bool:
         m = self.opts.max_jobs
         return m is not None and self.stats.leased >= m
 
     # -- starting ---------------------------------------------------------------------------
-    def _free(self) -> Capacity:
-        """What the running jobs leave of this worker."""
+    def _free(self, slots: int | None = None) -> Capacity:
+        """What the running jobs leave of this worker (`slots`: counting only that many slots)."""
         cpus, memory, gpus = self.total.cpus, self.total.memory, self.total.gpus
         for r in self.running.values():
             s = r.lease.spec
             cpus, memory, gpus = cpus - s.cpus, memory - s.memory, gpus - s.gpus
-        return Capacity(self.opts.slots - len(self.running), cpus, memory, gpus)
+        free_slots = self.opts.slots - len(self.running)
+        return Capacity(free_slots if slots is None else slots, cpus, memory, gpus)
 
     def _ahead(self) -> int:
         """How many jobs to hold leased beyond the free slots: none unless jobs are short."""
@@ -423,18 +445,21 @@ class Worker:
             return 0
         return min(_MAX_AHEAD, int(_AHEAD_SECONDS * self.opts.slots / max(typical, 1e-4)))
 
-    def _wanted(self) -> tuple[Capacity, Capacity | None]:
-        """What to lease: jobs that fit the free slots together, and jobs to hold ahead."""
-        free, ahead, held = self._free(), self._ahead(), len(self._ready)
-        if self._ready:  # jobs held already go first
-            free = replace(free, slots=0)
+    def _wanted(self) -> tuple[Capacity, Capacity | None] | None:
+        """What to lease: jobs that fit the free slots together, and jobs to hold ahead; None
+        when nothing is wanted (decided first, cheaply: most turns of a busy loop want none)."""
+        ahead, held = self._ahead(), len(self._ready)
+        slots = 0 if held else self.opts.slots - len(self.running)  # jobs held go first
         more = ahead - held if held <= ahead // 2 else 0
         if self.opts.max_jobs is not None:
             left = self.opts.max_jobs - self.stats.leased
-            free = replace(free, slots=min(free.slots, left))
-            more = min(more, left - max(free.slots, 0))
+            slots = min(slots, left)
+            more = min(more, left - max(slots, 0))
+        if slots <= 0 and more <= 0:
+            return None
         total = self.total
-        return free, Capacity(more, total.cpus, total.memory, total.gpus) if more > 0 else None
+        return (self._free(slots),
+                Capacity(more, total.cpus, total.memory, total.gpus) if more > 0 else None)
 
     def _sync(self, now: float, t: _Timers) -> None:
         """Report what ended and lease what is wanted, in one transaction, when either is due.
@@ -442,24 +467,23 @@ class Worker:
         Jobs that are not short are reported as they end. Short ones are reported together,
         within _REPORT_WITHIN, or when the jobs held ahead run low.
         """
-        free, ahead = self._wanted()
-        asking = now >= t.next_lease and (free.slots > 0 or ahead is not None)
-        reporting = bool(self._unreported) and (asking or self._ahead() == 0
+        wanted = self._wanted() if now >= t.next_lease else None
+        reporting = bool(self._unreported) and (wanted is not None or self._ahead() == 0
                                                 or now >= self._report_by)
+        if wanted is None:
+            if reporting:
+                self._report()
+            return
+        free, ahead = wanted
         if reporting:
             done, self._unreported = self._unreported, []
-            if not asking:
-                free, ahead = replace(free, slots=0), None
             stale, leases = self.store.exchange(
                 self.id, done, free, self.opts.lease_seconds, self.opts.run_id, ahead)
             self._counted(done, stale)
-        elif asking:
+        else:
             leases = self.store.lease(
                 self.id, free, self.opts.lease_seconds, self.opts.run_id, ahead)
-        else:
-            return
-        if asking:
-            t.leased(time.monotonic(), len(leases))
+        t.leased(time.monotonic(), len(leases))
         self.stats.leased += len(leases)
         self._ready.extend(leases)
         self._start_ready()
@@ -606,11 +630,7 @@ class Worker:
         runner = idle.pop() if idle else None
         try:
             if runner is None:
-                runner = Runner.start(
-                    {**self._call_env, "HOME": self._spaces.root, "TMPDIR": self._spaces.root}, cwd)
-                for fd in (runner.pidfd, runner.from_runner, runner.out):
-                    self._runner_fds[fd] = runner
-                    self._poller.register(fd, select.POLLIN)
+                runner = self._new_runner(cwd)
             runner.send(lease.key, lease.payload or b"", self.blobs, self._bodies)
         except (OSError, LookupError) as e:
             if runner is not None:
@@ -620,6 +640,39 @@ class Worker:
         r = _Running(lease, self.blobs.log_writer(key), runner, deadline, time.time())
         self._busy[runner.pid] = r
         return r
+
+    def _new_runner(self, cwd: str) -> Runner:
+        runner = Runner.start(
+            {**self._call_env, "HOME": self._spaces.root, "TMPDIR": self._spaces.root}, cwd)
+        for fd in (runner.pidfd, runner.from_runner, runner.out):
+            self._runner_fds[fd] = runner
+            self._poller.register(fd, select.POLLIN)
+        return runner
+
+    def _warm_up(self) -> None:
+        """Start one interpreter per slot now, in this worker's folder (where the calls of a
+        run submitted from this folder run), and wait (up to _WARM_WITHIN) until each has
+        imported what it needs: the worker registers after this, so a caller waiting for it
+        (Executor.wait_for_workers) finds it ready for calls."""
+        idle = self._idle.setdefault(self._cwd, [])
+        try:
+            while len(idle) < self.opts.slots:
+                idle.append(self._new_runner(self._cwd))
+        except OSError as e:  # not fatal: calls start their interpreters as they come
+            log.warning("worker %s: could not start a warm interpreter: %s", self.id, e)
+        waiting = select.poll()
+        for runner in idle:
+            waiting.register(runner.from_runner, select.POLLIN)
+            waiting.register(runner.pidfd, select.POLLIN)
+        deadline = time.monotonic() + _WARM_WITHIN
+        while not all(r.ready for r in idle) and not self.draining:
+            left = deadline - time.monotonic()
+            events = waiting.poll(max(0, int(left * 1000)) + 1) if left > 0 else []
+            if not events or any(fd == r.pidfd for fd, _ in events for r in idle):
+                return  # too slow, or one died: calls (and the loop) deal with it
+            for r in idle:
+                if r.results() is None:  # closed its end: the loop reaps it
+                    return
 
     def _runner_event(self, fd: int) -> list[Outcome]:
         """Output, answers or the death of a warm interpreter."""

@@ -39,12 +39,18 @@ WHERE state = 'queued' AND not_before <= :now {run_filter}
   AND cpus <= :cpus AND memory <= :memory AND gpus <= :gpus
 ORDER BY id LIMIT :slots
 
+-- name: add_success
+-- The hot path, first: a success's attempt, written from its job's row while the lease holds.
+INSERT INTO attempts (job_id, number, worker_id, token, state, started_at, finished_at,
+                      exit_code, peak_rss, log)
+SELECT id, attempts, ?, lease_token, 'succeeded', coalesce(?, started_at), ?, ?, ?, ?
+FROM jobs WHERE id = ? AND lease_token = ? AND state = 'running'
+
 -- name: succeed
--- The hot path: a fenced success in one statement.
+-- The hot path, then: a fenced success in one statement.
 UPDATE jobs SET state = 'succeeded', lease_token = NULL, lease_expires = NULL,
     exit_code = ?, started_at = coalesce(?, started_at), finished_at = ?, result = ?
 WHERE id = ? AND lease_token = ? AND state = 'running'
-RETURNING attempts, started_at
 
 -- name: hand_back
 -- A job leased ahead and never started goes back as if it had not been leased: no attempt is
